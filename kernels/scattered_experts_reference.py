@@ -1,0 +1,67 @@
+"""PyTorch reference of scattered expert matmuls: the oracle for the Triton kernels and the CPU path.
+
+The routing index follows scattermoe (Tan et al., "Scattered Mixture-of-Experts Implementation",
+2024): each of the T*k (token, choice) assignments is named by its flat index t*k + j; sorting the
+flat indices by expert gives every expert a contiguous run, so a grouped matmul needs no padding
+and drops no token.
+
+Legend: T tokens, K experts per token, N = T*K assignments, E experts, I input width, O output width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Routing(NamedTuple):
+    """Assignments sorted by expert."""
+
+    sorted_expert_idx_N: torch.Tensor  # expert of the n-th assignment in sorted order
+    sorted_flat_idx_N: torch.Tensor  # its flat (token * K + choice) index
+    expert_offsets_E: torch.Tensor  # end of each expert's run (inclusive cumsum of counts)
+
+
+def route(expert_idx_TK: torch.Tensor, num_experts: int) -> Routing:
+    """Sort the T*K assignments by expert (stable, so ties keep token order)."""
+    flat = expert_idx_TK.reshape(-1)
+    sorted_expert, sorted_flat = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return Routing(sorted_expert, sorted_flat, counts.cumsum(0))
+
+
+def parallel_linear_reference(
+    x: torch.Tensor,
+    w_EIO: torch.Tensor,
+    k: int,
+    routing: Routing,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    gates_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-assignment expert matmul y_n = x_n @ W[e_n], optionally combined with gates.
+
+    x: [T, I] rows read as x[flat // k] (k > 1 fans a token out to its K choices; k = 1 reads one
+    row per assignment), or, with grouped_in, [N, I] already in sorted order.
+    Returns [N, O] in flat order, or in sorted order with grouped_out; with gates_TK the K rows of
+    each token are summed with its gates into [T, O] (grouped_out must be False then).
+    """
+    sorted_expert, sorted_flat, offsets = routing
+    N = sorted_flat.numel()
+    x_sorted = x if grouped_in else x[sorted_flat // k]  # (N, I)
+    y_sorted = x.new_empty(N, w_EIO.shape[2])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            y_sorted[start:end] = x_sorted[start:end] @ w_EIO[e]
+        start = end
+    if grouped_out:
+        if gates_TK is not None:
+            raise ValueError("gates need flat-order output (grouped_out=False)")
+        return y_sorted
+    y = torch.empty_like(y_sorted).index_copy(0, sorted_flat, y_sorted)  # (N, O) flat order
+    if gates_TK is None:
+        return y
+    T, K = gates_TK.shape
+    return torch.bmm(gates_TK.unsqueeze(1).to(y.dtype), y.view(T, K, -1)).squeeze(1)  # (T, O)
