@@ -1,0 +1,405 @@
+"""The MoLM (ModuleFormer) model in plain single-device PyTorch, top to bottom in forward order.
+
+References:
+- Shen et al., "ModuleFormer: Modularity Emerges from Mixture-of-Experts", 2023 (the architecture,
+  the MI and load-concentration losses, the published checkpoints whose keys we keep).
+- Tan et al., "Scaling Stick-Breaking Attention", 2024 (the attention, see kernels/).
+- Zhang et al., "Mixture of Attention Heads", 2022 (MoA: routed query/output projections with
+  shared keys and values).
+- Dai et al., "Transformer-XL", 2019 (the previous segment's keys/values as memory).
+
+Parallelism is applied from outside (molm_megatron/parallel): nothing here communicates. Where
+tensor or expert parallelism may shard a weight, sizes are read from the tensor, not the config.
+
+Legend: B batch, T tokens of this segment, M memory tokens, S = M + T keys, D = n_embd,
+A = att_hidden, F = ffd_hidden, E experts, K experts per token, N = B*T*K assignments,
+nh = n_head, hs = head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from molm_megatron.config import ModelConfig
+from molm_megatron.model.losses import AUX_LOSS_NAMES, expert_marginal, router_aux_losses
+
+# (keys, values) of one layer, each [B, S, nh, hs].
+LayerMemory = tuple[torch.Tensor, torch.Tensor]
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class ParallelExperts(nn.Module):
+    """E independent linear maps in one tensor, weight [E, in, out] as published (y = x @ W[e])."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Published init: uniform(-1/in, 1/in) (not Kaiming's 1/sqrt(in)).
+        bound = 1.0 / self.weight.shape[1]
+        nn.init.uniform_(self.weight, -bound, bound)
+
+
+@dataclass
+class RouterOutput:
+    gates_TK: torch.Tensor  # selected probabilities, NOT renormalised (published semantics)
+    experts_TK: torch.Tensor
+    probs_TE: torch.Tensor  # fp32 softmax over all experts
+    logits_TE: torch.Tensor  # fp32
+
+
+class Router(nn.Module):
+    """logits = W_e GELU(W_in x + b); p = softmax(logits); top-k of p; gates = the chosen p.
+
+    One implementation for attention and MLP experts. `w_gate` indices 0 / 3 match the published
+    keys (index 2 is the router dropout). `num_new_experts` marks the last rows of W_e as inserted
+    experts for the routing regularisation of continual learning.
+    """
+
+    def __init__(self, n_embd: int, num_experts: int, k: int, gating_size: int, dropout: float, sample_topk: int):
+        super().__init__()
+        self.k = k
+        self.sample_topk = sample_topk
+        self.num_new_experts = 0
+        self.w_gate = nn.Sequential(
+            nn.Linear(n_embd, gating_size),
+            nn.GELU(),  # exact erf GELU, as published
+            nn.Dropout(dropout),
+            nn.Linear(gating_size, num_experts, bias=False),
+        )
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        # Softmax and top-k in fp32: near-ties in bf16 would flip expert choices between runs.
+        logits_TE = self.w_gate(x_TD).float()
+        probs_TE = logits_TE.softmax(dim=-1)
+        if self.training and self.sample_topk > 0:
+            experts_TK = self._sample_experts(probs_TE)
+            gates_TK = probs_TE.gather(1, experts_TK)
+        else:
+            gates_TK, experts_TK = probs_TE.topk(self.k, dim=-1)
+        return RouterOutput(gates_TK, experts_TK, probs_TE, logits_TE)
+
+    def _sample_experts(self, probs_TE: torch.Tensor) -> torch.Tensor:
+        """Keep the best k - s experts, sample s more from the rest by their probabilities."""
+        keep = self.k - self.sample_topk
+        top_TK = probs_TE.topk(keep, dim=-1).indices
+        rest = probs_TE.detach() + 1e-6  # published: every expert keeps a chance
+        rest = rest.scatter(1, top_TK, 0.0)
+        sampled = torch.multinomial(rest, self.sample_topk)
+        return torch.cat([top_TK, sampled], dim=-1)
+
+    def new_rows(self) -> torch.Tensor:
+        """The router rows (W_e) of inserted experts, [num_new_experts, gating_size]."""
+        w = self.w_gate[3].weight
+        return w[w.shape[0] - self.num_new_experts:]
+
+
+@dataclass
+class Routed:
+    """A routing decision plus the expert-sorted index the scattered matmuls use."""
+
+    router: RouterOutput
+    index: kernels.Routing
+    valid_T: torch.Tensor | None  # False for padding tokens, left out of losses and statistics
+    new_rows: torch.Tensor  # the router rows of inserted experts (routing regularisation)
+
+
+class MoE(nn.Module):
+    """A routed pair of expert projections: `map` (in -> hidden, per chosen expert) and `reduce`
+    (hidden -> out, gated sum over the chosen experts). Key-compatible with the published `MoE`.
+
+    As the SMoE feed-forward layer (`forward`): y = sum_e p_e W_out[e] act(W_in[e] x).
+    As MoA's query/output projections, MoA calls `route`, `map`, then attention, then `reduce`.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_experts: int, k: int, hidden: int, activation: str | None):
+        super().__init__()
+        self.k = k
+        self.gate = Router(cfg.n_embd, num_experts, k, cfg.gating_size, cfg.moe_pdrop, cfg.sample_topk)
+        self.experts = ParallelExperts(num_experts, cfg.n_embd, hidden)
+        self.output_experts = ParallelExperts(num_experts, hidden, cfg.n_embd)
+        self.activation = activation
+
+    def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> Routed:
+        r = self.gate(x_TD)
+        return Routed(r, kernels.route(r.experts_TK, r.probs_TE.shape[1]), valid_T, self.gate.new_rows())
+
+    def map(self, x_TD: torch.Tensor, routed: Routed, grouped_out: bool = False) -> torch.Tensor:
+        """Per-assignment hidden states: [N, hidden], flat (token-major) order unless grouped_out."""
+        return kernels.parallel_linear(x_TD, self.experts.weight, self.k, routed.index, grouped_out=grouped_out)
+
+    def reduce(self, h_N: torch.Tensor, routed: Routed, grouped_in: bool = False) -> torch.Tensor:
+        """Gated sum over the K choices of each token: [T, D]."""
+        gates_TK = routed.router.gates_TK.to(h_N.dtype)
+        return kernels.parallel_linear(h_N, self.output_experts.weight, 1, routed.index,
+                                       grouped_in=grouped_in, gates_TK=gates_TK)
+
+    def expert_mlp(self, x_TD: torch.Tensor, routed: Routed) -> torch.Tensor:
+        """The experts' computation, as if every expert were local (expert parallelism wraps it)."""
+        h_N = ACTIVATIONS[self.activation](self.map(x_TD, routed, grouped_out=True))
+        return self.reduce(h_N, routed, grouped_in=True)
+
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, Routed]:
+        routed = self.route(x_TD, valid_T)
+        return self.expert_mlp(x_TD, routed), routed
+
+
+class MoA(nn.Module):
+    """Mixture of stick-breaking attention heads with shared keys and values.
+
+    Each chosen expert e_r gives a query q_r = Wq[e_r] x (nh heads); head h of every chosen expert
+    attends over the shared key/value head h; y = sum_r g_r Wo[e_r] o_r.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.q_proj = MoE(cfg, cfg.n_att_experts, cfg.k_att, cfg.att_hidden, activation=None)
+        if cfg.kv_is_identity:
+            # Published MoLM (one 1024-wide head): keys and values are the normed hidden states.
+            self.k_proj, self.v_proj = nn.Identity(), nn.Identity()
+        else:
+            self.k_proj = nn.Linear(cfg.n_embd, cfg.att_hidden)
+            self.v_proj = nn.Linear(cfg.n_embd, cfg.att_hidden)
+        self.n_head = cfg.n_head
+        self.attn_pdrop = cfg.attn_pdrop
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        key_mask_BS: torch.Tensor | None,
+        memory: LayerMemory | None,
+        memory_length: int,
+    ) -> tuple[torch.Tensor, Routed, LayerMemory]:
+        B, T, D = x_BTD.shape
+        nh, K = self.n_head, self.q_proj.k
+        x_TD = x_BTD.reshape(B * T, D)
+
+        # First half: route, then the per-expert query projection.
+        routed = self.q_proj.route(x_TD, valid_T)
+        q_N = self.q_proj.map(x_TD, routed)  # (B*T*K, A), token-major
+        hs = q_N.shape[-1] // nh
+        k_BTHD = self.k_proj(x_BTD).view(B, T, nh, hs)
+        v_BTHD = self.v_proj(x_BTD).view(B, T, nh, hs)
+        if memory is not None:
+            k_BTHD = torch.cat([memory[0], k_BTHD], dim=1)  # (B, S, nh, hs)
+            v_BTHD = torch.cat([memory[1], v_BTHD], dim=1)
+        new_memory = (k_BTHD[:, k_BTHD.shape[1] - memory_length:].detach(),
+                      v_BTHD[:, v_BTHD.shape[1] - memory_length:].detach()) if memory_length else (
+            k_BTHD[:, :0].detach(), v_BTHD[:, :0].detach())
+
+        # Query heads ordered (h, r) so that query head h*K + r reads kv head h: grouped-query
+        # layout, the K chosen experts share one K/V without copies.
+        q = q_N.view(B, T, K, nh, hs).permute(0, 3, 2, 1, 4).reshape(B, nh * K, T, hs)
+        o = kernels.stickbreaking_attention(q, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2), key_mask_BS,
+                                            self.attn_pdrop, self.training)  # (B, nh*K, T, hs)
+        o_N = o.view(B, nh, K, T, hs).permute(0, 3, 2, 1, 4).reshape(B * T * K, nh * hs)
+
+        # Second half: per-expert output projection and gated merge.
+        y_TD = self.q_proj.reduce(o_N, routed)
+        return y_TD.view(B, T, D), routed, new_memory
+
+
+class Block(nn.Module):
+    """Pre-LN block: h += MoA(LN1(h)); h += SMoE(LN2(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = MoA(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlpf = MoE(cfg, cfg.n_mlp_experts, cfg.k_mlp, cfg.ffd_hidden, activation=cfg.activation_function)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, h_BTD, valid_T, key_mask_BS, memory, memory_length):
+        B, T, D = h_BTD.shape
+        a, routed_att, new_memory = self.attn(self.ln_1(h_BTD), valid_T, key_mask_BS, memory, memory_length)
+        h_BTD = h_BTD + self.resid_dropout(a)
+        m_TD, routed_mlp = self.mlpf(self.ln_2(h_BTD).reshape(B * T, D), valid_T)
+        h_BTD = h_BTD + self.resid_dropout(m_TD.view(B, T, D))
+        return h_BTD, (routed_att, routed_mlp), new_memory
+
+
+@dataclass
+class MoLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # lm_loss + weighted aux losses
+    lm_loss: torch.Tensor | None = None  # mean cross entropy over labels != -100
+    lm_loss_sum: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over routers and layers
+    memory: list[LayerMemory] | None = None
+    expert_stats: dict[str, torch.Tensor] | None = None  # 'layer{N}.attn' -> token counts [E]
+    router_probs_mean: dict[str, torch.Tensor] | None = None  # 'layer{N}.attn' -> p(e) [E]
+
+
+class MoLMTransformer(nn.Module):
+    """Embedding, blocks and final norm; no positional encoding of any kind (stick-breaking
+    attention is order-aware by itself). Its keys are the published `transformer.*`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, input_ids, attention_mask, memory, memory_length):
+        """Returns hidden states (B, T, D), per-layer (attn, mlp) routing, and the new memory."""
+        B, T = input_ids.shape
+        M = 0 if memory is None else memory[0][0].shape[1]
+        key_mask_BS = valid_T = None
+        if attention_mask is not None:
+            if attention_mask.shape[1] == T and M:
+                attention_mask = torch.cat([attention_mask.new_ones(B, M), attention_mask], dim=1)
+            if attention_mask.shape[1] != M + T:
+                raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; expected {T} "
+                                 f"(segment) or {M + T} (memory + segment)")
+            key_mask_BS = attention_mask.bool()
+            valid_T = key_mask_BS[:, M:].reshape(B * T)
+        h = self.drop(self.wte(input_ids))
+        routing, new_memory = [], []
+        for i, block in enumerate(self.h):
+            h, routed, mem = block(h, valid_T, key_mask_BS, None if memory is None else memory[i], memory_length)
+            routing.append(routed)
+            new_memory.append(mem)
+        return self.ln_f(h), routing, new_memory
+
+
+class MoLM(nn.Module):
+    """The ModuleFormer language model: what users ask of a model lives here (forward with losses,
+    parameter counts, FLOPs per token, init, generate)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.transformer = MoLMTransformer(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as published
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ParallelExperts):
+            module.reset_parameters()
+
+    def num_params(self, active: bool = False, embedding: bool = True) -> int:
+        """Counted from the config (see ModelConfig.num_params), so it is the same on every rank."""
+        return self.config.num_params(active=active, embedding=embedding)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory: list[LayerMemory] | None = None,
+        collect_expert_stats: bool = False,
+        memory_length: int | None = None,
+    ) -> MoLMOutput:
+        """input_ids [B, T]; labels [B, T] already shifted (the next tokens), -100 ignored;
+        attention_mask [B, T] or [B, M + T] (1 = real, 0 = padding/reset memory: transparent);
+        memory: the previous segment's `out.memory`. Keeps `memory_length` (default
+        history_length) keys per layer in `out.memory`."""
+        cfg = self.config
+        memory_length = cfg.history_length if memory_length is None else memory_length
+        h, routing, new_memory = self.transformer(input_ids, attention_mask, memory, memory_length)
+        logits = self.lm_head(h)
+        out = MoLMOutput(logits=logits, memory=new_memory)
+
+        out.aux_losses = {name: logits.new_zeros((), dtype=torch.float32) for name in AUX_LOSS_NAMES}
+        for routed_pair in routing:
+            for routed in routed_pair:
+                r = routed.router
+                losses = router_aux_losses(r.probs_TE, r.logits_TE, r.experts_TK, routed.valid_T, routed.new_rows)
+                for name, value in losses.items():
+                    out.aux_losses[name] = out.aux_losses[name] + value
+        if collect_expert_stats:
+            out.expert_stats, out.router_probs_mean = {}, {}
+            for i, routed_pair in enumerate(routing):
+                for kind, routed in zip(("attn", "mlpf"), routed_pair):
+                    r, valid = routed.router, routed.valid_T
+                    chosen = r.experts_TK if valid is None else r.experts_TK[valid]
+                    num_experts = r.probs_TE.shape[1]
+                    out.expert_stats[f"layer{i}.{kind}"] = torch.bincount(chosen.reshape(-1), minlength=num_experts)
+                    out.router_probs_mean[f"layer{i}.{kind}"] = expert_marginal(r.probs_TE, valid).detach()
+
+        if labels is not None:
+            # Cross entropy in fp32: bf16 logits lose the small probabilities of a 50k vocabulary.
+            out.lm_loss_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+            out.num_label_tokens = (labels != -100).sum()
+            out.lm_loss = out.lm_loss_sum / out.num_label_tokens.clamp(min=1)
+            out.loss = out.lm_loss + self.weighted_aux_loss(out.aux_losses)
+        return out
+
+    def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_name weight_name * aux_losses[name], weights from the config."""
+        cfg = self.config
+        weights = {cfg.aux_loss_type: cfg.aux_loss_weight, "concentration": cfg.concentration_loss_weight,
+                   "z": cfg.z_loss_weight, "routing_reg": cfg.routing_reg_weight}
+        return sum(w * aux_losses[name] for name, w in weights.items() if w)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation with a KV cache (the model's memory); returns [B, T + new].
+
+        The cache keeps `history_length` keys per layer, as the published model does, so decoding
+        equals the full forward for sequences of up to history_length + 1 tokens.
+        """
+        B = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        out = self(input_ids, attention_mask=mask)
+        tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if do_sample:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -math.inf)
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done[:, None], eos_token_id)
+                done |= nxt[:, 0] == eos_token_id
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if done.all():
+                break
+            mem_len = out.memory[0][0].shape[1]
+            mask = torch.cat([mask[:, mask.shape[1] - mem_len:], mask.new_ones(B, 1)], dim=1)
+            out = self(nxt, attention_mask=mask, memory=out.memory)
+        return tokens
