@@ -67,7 +67,7 @@ def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tenso
 
 def routing_regularization(new_rows_NE: torch.Tensor) -> torch.Tensor:
     """||W_e_new||: Frobenius norm of the router rows of inserted experts (0 when none)."""
-    return new_rows_NE.float().norm() if new_rows_NE.numel() else new_rows_NE.new_zeros((), dtype=torch.float32)
+    return new_rows_NE.norm() if new_rows_NE.numel() else new_rows_NE.new_zeros(())
 
 
 def router_aux_losses(

@@ -32,6 +32,11 @@ from molm_megatron.model.losses import AUX_LOSS_NAMES, expert_marginal, router_a
 # (keys, values) of one layer, each [B, S, nh, hs].
 LayerMemory = tuple[torch.Tensor, torch.Tensor]
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 to fp32; leave fp32/fp64 as they are (fp64 is the tests' oracle precision)."""
+    return x.float() if x.element_size() < 4 else x
+
+
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
     "gelu": F.gelu,
@@ -58,8 +63,8 @@ class ParallelExperts(nn.Module):
 class RouterOutput:
     gates_TK: torch.Tensor  # selected probabilities, NOT renormalised (published semantics)
     experts_TK: torch.Tensor
-    probs_TE: torch.Tensor  # fp32 softmax over all experts
-    logits_TE: torch.Tensor  # fp32
+    probs_TE: torch.Tensor  # softmax over all experts, at least fp32
+    logits_TE: torch.Tensor
 
 
 class Router(nn.Module):
@@ -84,7 +89,7 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # Softmax and top-k in fp32: near-ties in bf16 would flip expert choices between runs.
-        logits_TE = self.w_gate(x_TD).float()
+        logits_TE = at_least_fp32(self.w_gate(x_TD))
         probs_TE = logits_TE.softmax(dim=-1)
         if self.training and self.sample_topk > 0:
             experts_TK = self._sample_experts(probs_TE)
@@ -329,7 +334,7 @@ class MoLM(nn.Module):
         logits = self.lm_head(h)
         out = MoLMOutput(logits=logits, memory=new_memory)
 
-        out.aux_losses = {name: logits.new_zeros((), dtype=torch.float32) for name in AUX_LOSS_NAMES}
+        out.aux_losses = {name: at_least_fp32(logits.new_zeros(())) for name in AUX_LOSS_NAMES}
         for routed_pair in routing:
             for routed in routed_pair:
                 r = routed.router
@@ -348,7 +353,7 @@ class MoLM(nn.Module):
 
         if labels is not None:
             # Cross entropy in fp32: bf16 logits lose the small probabilities of a 50k vocabulary.
-            out.lm_loss_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+            out.lm_loss_sum = F.cross_entropy(at_least_fp32(logits).view(-1, logits.shape[-1]), labels.reshape(-1),
                                               ignore_index=-100, reduction="sum")
             out.num_label_tokens = (labels != -100).sum()
             out.lm_loss = out.lm_loss_sum / out.num_label_tokens.clamp(min=1)

@@ -1,0 +1,89 @@
+"""Stick-breaking attention (the PyTorch reference the model and kernels use) against a naive
+loop that runs the stick-breaking process itself in float64."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import stickbreaking_attention_reference
+
+
+def naive_stickbreaking(q, k, v, key_mask=None):
+    """Walk each query's keys from nearest to farthest, breaking off sigmoid(l) of what is left."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    r = H // G
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                pos = S - T + i
+                remaining = torch.tensor(1.0, dtype=torch.float64)
+                for j in range(pos, -1, -1):
+                    if key_mask is not None and not key_mask[b, j]:
+                        continue  # a masked key takes nothing and lets everything through
+                    beta = torch.sigmoid(q[b, h, i] @ k[b, h // r, j] / math.sqrt(D))
+                    out[b, h, i] += beta * remaining * v[b, h // r, j]
+                    remaining = remaining * (1 - beta)
+    return out
+
+
+def _inputs(B, H, G, T, S, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    return mk(B, H, T, D), mk(B, G, S, D), mk(B, G, S, D)
+
+
+@pytest.mark.parametrize("B,H,G,T,S,D", [(2, 2, 2, 7, 7, 4), (1, 4, 2, 5, 9, 3), (2, 2, 1, 1, 6, 8)])
+def test_matches_naive_loop_values_and_gradients(B, H, G, T, S, D):
+    q, k, v = _inputs(B, H, G, T, S, D)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, :2] = False  # left padding / reset memory on row 0
+    ours = stickbreaking_attention_reference(q, k, v, mask)
+    ref = naive_stickbreaking(q, k, v, mask)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(ref)
+    g_ours = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_self_inclusion_and_dropped_leftover():
+    # One query, one key: o = sigmoid(q.k/sqrt(D)) v; the rest (1 - sigmoid) is dropped.
+    q = torch.tensor([[[[2.0, 0.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    v = torch.tensor([[[[3.0, -1.0]]]], dtype=torch.float64)
+    o = stickbreaking_attention_reference(q, k, v)
+    beta = 1 / (1 + math.exp(-2.0 / math.sqrt(2)))
+    torch.testing.assert_close(o, beta * v)
+    # With v = 1 everywhere, o is the row's total attention mass: strictly below 1.
+    q, k, _ = _inputs(1, 1, 1, 6, 6, 4)
+    mass = stickbreaking_attention_reference(q, k, torch.ones(1, 1, 6, 4, dtype=torch.float64))
+    expected = 1 - torch.stack([torch.prod(1 - torch.sigmoid(q[0, 0, i] @ k[0, 0, : i + 1].T / 2)) for i in range(6)])
+    torch.testing.assert_close(mass[0, 0, :, 0], expected)
+    assert (mass < 1).all()
+
+
+def test_masked_keys_are_transparent():
+    # Mask two memory keys (the queries are the last 2 of 6 positions).
+    q, k, v = _inputs(1, 2, 2, 2, 6, 4, seed=3)
+    mask = torch.tensor([[True, False, True, False, True, True]])
+    with_mask = stickbreaking_attention_reference(q, k, v, mask)
+    keep = mask[0]
+    without = stickbreaking_attention_reference(q, k[:, :, keep], v[:, :, keep])
+    torch.testing.assert_close(with_mask, without)
+
+
+def test_query_block_shorter_than_keys_is_the_tail_of_the_full_block():
+    q, k, v = _inputs(2, 2, 1, 8, 8, 4, seed=5)
+    full = stickbreaking_attention_reference(q, k, v)
+    tail = stickbreaking_attention_reference(q[:, :, 5:], k, v)
+    torch.testing.assert_close(tail, full[:, :, 5:])
+
+
+def test_bad_shapes_are_refused():
+    q, k, v = _inputs(1, 3, 2, 4, 4, 4)
+    with pytest.raises(ValueError, match="query heads \\(3\\) must be a multiple of key/value heads \\(2\\)"):
+        stickbreaking_attention_reference(q, k, v)
