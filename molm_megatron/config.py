@@ -151,7 +151,8 @@ class ModelConfig:
 def _tiny() -> ModelConfig:
     return ModelConfig(vocab_size=512, block_size=32, history_length=32, n_embd=64, n_layer=2,
                        n_head=1, att_hidden=64, ffd_hidden=128, gating_size=32, n_att_experts=4,
-                       k_att=2, n_mlp_experts=8, k_mlp=2, aux_loss_weight=0.01)
+                       k_att=2, n_mlp_experts=8, k_mlp=2, aux_loss_weight=0.01,
+                       bos_token_id=511, eos_token_id=511)
 
 
 def _molm_350m_4b() -> ModelConfig:
@@ -168,7 +169,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     # The CPU demo: small enough to train for a few hundred steps on 2 cores in minutes.
     "demo": lambda: dataclasses.replace(_tiny(), vocab_size=50295, block_size=64, history_length=64,
                                          n_embd=128, n_layer=4, att_hidden=128, ffd_hidden=256,
-                                         n_att_experts=8, n_mlp_experts=16),
+                                         n_att_experts=8, n_mlp_experts=16,
+                                         bos_token_id=50256, eos_token_id=50256),
 }
 
 
@@ -184,3 +186,355 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
     return cfg
+
+
+# ---- the run: one tree of sections (`JobConfig`), read from YAML and `--section.field` flags ----
+# Each section field's docstring is its `--help` text (read from this file's source, as tyro does
+# for torchtitan's job_config.py). Precedence: field defaults < the YAML file < command-line flags.
+
+
+@dataclass
+class ModelSection:
+    """The model: a named preset plus ModelConfig field overrides (`--model.n_layer 4`)."""
+
+    preset: str = "tiny"
+    """Named model preset (tiny, tiny-multihead, demo, molm-350m-4b, molm-700m-4b, molm-700m-8b);
+    any ModelConfig field given beside it (YAML) or as `--model.<field>` replaces the preset's value."""
+    overrides: dict = dataclasses.field(default_factory=dict)
+    """ModelConfig fields replacing the preset's values (written flat beside `preset` in YAML)."""
+
+    def build(self) -> ModelConfig:
+        """The resolved, validated ModelConfig."""
+        return model_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks are split. Data-parallel size = WORLD_SIZE / tensor_parallel_size."""
+
+    tensor_parallel_size: int = 1
+    """Tensor-parallel ranks (megatron-core): vocab-parallel embedding, head and cross entropy;
+    each MLP expert's hidden dimension split; attention experts kept whole."""
+    expert_parallel_size: int = 1
+    """Data-parallel ranks that share out one layer's MLP experts (dropless all-to-all); must divide
+    the data-parallel size and model.n_mlp_experts."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 1 (optimizer states sharded), 2 (and gradients), 3 (and parameters;
+    only with expert_parallel_size 1)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (decoupled weight decay) as in the ModuleFormer paper."""
+
+    lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
+    beta1: float = 0.9
+    """AdamW beta1 (first-moment decay)."""
+    beta2: float = 0.95
+    """AdamW beta2 (second-moment decay; 0.95 as in GPT-3-style pretraining)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay of matrices, expert tensors and embeddings; LayerNorm weights and all
+    biases are never decayed."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (all ranks, all parameters) to this value; 0 disables."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate: linear warmup, then cosine decay to min_lr_ratio x peak, then constant."""
+
+    warmup_steps: int = 1000
+    """Optimizer steps of linear warmup from lr/warmup_steps to the peak lr."""
+    decay_steps: int = 0
+    """Step at which the cosine reaches its floor; 0 means train.steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (0.1: decay to 10%)."""
+
+
+@dataclass
+class DataConfig:
+    """Token data: indexed `.bin/.idx` prefixes written by data_prep, blended by weight."""
+
+    prefixes: list[str] = dataclasses.field(default_factory=list)
+    """Paths of indexed datasets without the .bin/.idx suffix."""
+    weights: list[float] = dataclasses.field(default_factory=list)
+    """Blend weight of each prefix (same length as prefixes; empty means equal weights)."""
+    split: str = "98,2,0"
+    """Train, validation, test proportions of every dataset's documents."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often to save; a run whose dir holds a complete checkpoint resumes from it."""
+
+    dir: str = ""
+    """Checkpoint folder (shared by all ranks); empty disables checkpointing and resuming."""
+    interval: int = 1000
+    """Save every this many steps (and always on SIGTERM/SIGUSR1 and at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a successful save."""
+
+
+@dataclass
+class MetricsConfig:
+    """Logging: stdout, JSON lines and TensorBoard, from rank 0."""
+
+    log_interval: int = 10
+    """Log every this many steps (and the first step)."""
+    dir: str = "runs/pretrain"
+    """Folder of metrics.jsonl and the TensorBoard event files."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device for MFU; 0 looks it up (H100/H200 989, A100 312,
+    CPU a nominal 0.1 per process)."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch, seed, device, validation, non-finite handling."""
+
+    steps: int = 1000
+    """Optimizer steps to train (a resumed run continues to this step)."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all ranks; = micro_batch_size x grad accumulation x
+    data-parallel size x model.block_size. 0 means one micro-batch per rank (no accumulation)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass (also the number of parallel Transformer-XL streams)."""
+    seed: int = 1234
+    """Seed of the weights, the data order and dropout."""
+    device: str = "auto"
+    """auto (cuda if available), cuda or cpu."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 (fp32 master weights) or fp32."""
+    eval_interval: int = 0
+    """Validation perplexity on the held-out split every this many steps; 0 disables."""
+    eval_steps: int = 20
+    """Micro-batches per rank in one validation pass."""
+    max_nonfinite_steps: int = 5
+    """Stop (after a checkpoint) when this many consecutive steps have non-finite loss or gradients."""
+
+
+SECTION_TYPES = {
+    "model": ModelSection, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig, "train": TrainConfig,
+}
+ZERO_STAGES = (1, 2, 3)
+BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class JobConfig:
+    """The whole run. `parse_job_config(argv)` builds it from YAML plus `--section.field` flags."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> ModelConfig:
+        """Check every field that needs no knowledge of the world size; returns the model config.
+
+        World-dependent checks (batch arithmetic, divisibility by the parallel sizes) run at start-up
+        in molm_megatron.training.schedule.plan_batch and check_layout.
+        """
+        cfg = self.model.build()
+        p, o, s, t, c, m = self.parallel, self.optimizer, self.schedule, self.train, self.checkpoint, self.metrics
+        for path, value in (("parallel.tensor_parallel_size", p.tensor_parallel_size),
+                            ("parallel.expert_parallel_size", p.expert_parallel_size),
+                            ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+                            ("train.eval_steps", t.eval_steps), ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+                            ("checkpoint.interval", c.interval), ("checkpoint.keep_last", c.keep_last),
+                            ("metrics.log_interval", m.log_interval)):
+            if value <= 0:
+                raise ValueError(f"{path} must be positive, got {value}")
+        for path, value in (("train.global_batch_tokens", t.global_batch_tokens),
+                            ("train.eval_interval", t.eval_interval), ("schedule.warmup_steps", s.warmup_steps),
+                            ("schedule.decay_steps", s.decay_steps), ("optimizer.weight_decay", o.weight_decay),
+                            ("optimizer.grad_clip", o.grad_clip), ("metrics.peak_tflops", m.peak_tflops)):
+            if value < 0:
+                raise ValueError(f"{path} must be >= 0, got {value}")
+        for path, value, allowed in (("parallel.zero_stage", p.zero_stage, ZERO_STAGES),
+                                     ("parallel.backend", p.backend, BACKENDS),
+                                     ("train.device", t.device, DEVICES), ("train.precision", t.precision, PRECISIONS)):
+            if value not in allowed:
+                raise ValueError(f"{path} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        if p.zero_stage == 3 and p.expert_parallel_size > 1:
+            raise ValueError(f"parallel.zero_stage 3 needs parallel.expert_parallel_size 1, got "
+                             f"{p.expert_parallel_size} (DeepSpeed partitions no expert parameters in stage 3)")
+        if not o.lr > 0 or not o.eps > 0:
+            raise ValueError(f"optimizer.lr ({o.lr}) and optimizer.eps ({o.eps}) must be positive")
+        for path, beta in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
+            if not 0 <= beta < 1:
+                raise ValueError(f"{path} must be in [0, 1), got {beta}")
+        if not 0 <= s.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        decay = s.decay_steps or t.steps
+        if decay < s.warmup_steps:
+            raise ValueError(f"schedule.decay_steps ({decay}, 0 = train.steps) is shorter than "
+                             f"schedule.warmup_steps ({s.warmup_steps})")
+        if self.data.weights and len(self.data.weights) != len(self.data.prefixes):
+            raise ValueError(f"data.weights has {len(self.data.weights)} entries but data.prefixes has "
+                             f"{len(self.data.prefixes)}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        """The resolved tree, model fields included in full (what is logged and saved in checkpoints)."""
+        out = dataclasses.asdict(self)
+        out["model"] = {"preset": self.model.preset, **dataclasses.asdict(self.model.build())}
+        return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under it in the class body (its `--help` text)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, str]:
+    """Field name -> annotation as written ('int', 'list', ...); this file uses postponed annotations."""
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _coerce(value, kind: str, path: str, where: str):
+    """Convert a YAML or command-line value to the field's type; ValueError names where and the field."""
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in _TRUE + _FALSE:
+                return str(value).lower() in _TRUE
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            if isinstance(value, (list, dict)):
+                raise ValueError
+            return str(value)
+        if kind.startswith("list["):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_coerce(item, kind[5:-1], path, where) for item in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}{path}: expected {kind}, got {value!r}") from None
+    raise AssertionError(f"unhandled field type {kind} of {path}")
+
+
+def _yaml_tree(path: str) -> tuple[dict, dict[str, int]]:
+    """The YAML file as nested dicts plus the line number (1-based) of every `section.field` key."""
+    import yaml
+
+    with open(path) as f:
+        try:
+            root = yaml.compose(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if root is None:
+        return {}, {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ValueError(f"{path}:{root.start_mark.line + 1}: the top level must be a mapping of sections")
+    tree, lines = {}, {}
+    for key_node, section_node in root.value:
+        section = key_node.value
+        lines[section] = key_node.start_mark.line + 1
+        if not isinstance(section_node, yaml.MappingNode):
+            raise ValueError(f"{path}:{lines[section]}: section {section!r} must be a mapping of fields")
+        tree[section] = {}
+        for field_key, value_node in section_node.value:
+            lines[f"{section}.{field_key.value}"] = field_key.start_mark.line + 1
+            tree[section][field_key.value] = yaml.safe_load(yaml.serialize(value_node))
+    return tree, lines
+
+
+def _apply(job: JobConfig, section: str, name: str, value, where: str) -> None:
+    """Set `section.name` on the job (model fields other than `preset` become overrides)."""
+    if section not in SECTION_TYPES:
+        raise ValueError(f"{where}unknown section {section!r}; known: {', '.join(SECTION_TYPES)}")
+    if section == "model" and name != "preset":
+        types = _field_types(ModelConfig)
+        if name not in types:
+            raise ValueError(f"{where}unknown field model.{name} (not a ModelConfig field)")
+        job.model.overrides[name] = _coerce(value, types[name], f"model.{name}", where)
+        return
+    types = _field_types(SECTION_TYPES[section])
+    if name not in types or (section == "model" and name == "overrides"):
+        raise ValueError(f"{where}unknown field {section}.{name}; known: {', '.join(types)}")
+    setattr(getattr(job, section), name, _coerce(value, types[name], f"{section}.{name}", where))
+
+
+def build_arg_parser():
+    """The `--config FILE.yaml` plus `--section.field VALUE` parser; help texts are the docstrings."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py",
+        description="Pretrain a ModuleFormer (MoLM) model with DeepSpeed. Settings come from the dataclasses of "
+                    "molm_megatron/config.py: defaults, then the YAML file (the same section/field tree), then "
+                    "--section.field flags. Runs as one process, under torchrun or under the deepspeed launcher.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same sections and fields")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    for section, cls in SECTION_TYPES.items():
+        group = parser.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0]}")
+        docs, types = field_docs(cls), _field_types(cls)
+        if section == "model":
+            docs = {"preset": docs["preset"], **field_docs(ModelConfig)}
+            types = {"preset": "str", **_field_types(ModelConfig)}
+        defaults = dataclasses.asdict(cls()) if section != "model" else {
+            "preset": ModelSection().preset, **{k: "preset's" for k in types if k != "preset"}}
+        for name, kind in types.items():
+            if name == "overrides":
+                continue
+            help_text = f"{docs.get(name, '')} [{kind}; default: {defaults.get(name)!r}]".replace("%", "%%")
+            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar=kind.split("[")[-1].rstrip("]").upper(),
+                               nargs="+" if kind.startswith("list[") else None, help=help_text)
+    return parser
+
+
+def parse_job_config(argv: list[str]) -> JobConfig:
+    """Build and validate the JobConfig from a command line (without the program name)."""
+    args = vars(build_arg_parser().parse_args(argv))
+    job = JobConfig()
+    if "config" in args:
+        tree, lines = _yaml_tree(args["config"])
+        for section, fields in tree.items():
+            for name, value in fields.items():
+                line = lines.get(f"{section}.{name}", lines.get(section))
+                _apply(job, section, name, value, f"{args['config']}:{line}: ")
+    for key, value in args.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            _apply(job, section, name, value, f"--{key}: ")
+    job.validate()
+    return job

@@ -203,9 +203,8 @@ class MoA(nn.Module):
         if memory is not None:
             k_BTHD = torch.cat([memory[0], k_BTHD], dim=1)  # (B, S, nh, hs)
             v_BTHD = torch.cat([memory[1], v_BTHD], dim=1)
-        new_memory = (k_BTHD[:, k_BTHD.shape[1] - memory_length:].detach(),
-                      v_BTHD[:, v_BTHD.shape[1] - memory_length:].detach()) if memory_length else (
-            k_BTHD[:, :0].detach(), v_BTHD[:, :0].detach())
+        start = max(0, k_BTHD.shape[1] - memory_length)
+        new_memory = (k_BTHD[:, start:].detach(), v_BTHD[:, start:].detach())
 
         # Query heads ordered (h, r) so that query head h*K + r reads kv head h: grouped-query
         # layout, the K chosen experts share one K/V without copies.
@@ -285,6 +284,22 @@ class MoLMTransformer(nn.Module):
         return self.ln_f(h), routing, new_memory
 
 
+def init_weights(module: nn.Module, std: float) -> None:
+    """Published initialisation: linear and embedding weights normal(0, std), biases 0, LayerNorm
+    (1, 0), expert weights uniform(-1/in, 1/in)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, ParallelExperts):
+        module.reset_parameters()
+
+
 class MoLM(nn.Module):
     """The ModuleFormer language model: what users ask of a model lives here (forward with losses,
     parameter counts, FLOPs per token, init, generate)."""
@@ -295,21 +310,7 @@ class MoLM(nn.Module):
         self.config = cfg
         self.transformer = MoLMTransformer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as published
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, ParallelExperts):
-            module.reset_parameters()
+        self.apply(lambda module: init_weights(module, cfg.initializer_range))
 
     def num_params(self, active: bool = False, embedding: bool = True) -> int:
         """Counted from the config (see ModelConfig.num_params), so it is the same on every rank."""
@@ -381,12 +382,13 @@ class MoLM(nn.Module):
     ) -> torch.Tensor:
         """Greedy or sampled continuation with a KV cache (the model's memory); returns [B, T + new].
 
-        The cache keeps `history_length` keys per layer, as the published model does, so decoding
-        equals the full forward for sequences of up to history_length + 1 tokens.
+        The cache keeps every token, as the published model's does, so decoding equals the full
+        forward at any length (training memory, by contrast, keeps `history_length` tokens).
         """
         B = input_ids.shape[0]
+        keep = input_ids.shape[1] + max_new_tokens
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        out = self(input_ids, attention_mask=mask)
+        out = self(input_ids, attention_mask=mask, memory_length=keep)
         tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()
@@ -404,7 +406,6 @@ class MoLM(nn.Module):
             tokens = torch.cat([tokens, nxt], dim=1)
             if done.all():
                 break
-            mem_len = out.memory[0][0].shape[1]
-            mask = torch.cat([mask[:, mask.shape[1] - mem_len:], mask.new_ones(B, 1)], dim=1)
-            out = self(nxt, attention_mask=mask, memory=out.memory)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            out = self(nxt, attention_mask=mask, memory=out.memory, memory_length=keep)
         return tokens

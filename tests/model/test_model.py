@@ -155,13 +155,13 @@ def test_losses_are_summed_over_layers_and_weighted():
 def test_decoding_token_by_token_equals_the_full_forward():
     model = make()
     prompt = torch.randint(0, 512, (2, 5))
-    tokens = model.generate(prompt, max_new_tokens=12)  # 17 tokens <= history_length + 1
+    tokens = model.generate(prompt, max_new_tokens=40)  # past history_length (32): the cache keeps all
     full = model(tokens).logits
     assert torch.equal(tokens[:, 5:], full[:, 4:-1].argmax(-1))
     # Step by step through the cache, logits equal the full forward's.
-    out = model(tokens[:, :5])
+    out = model(tokens[:, :5], memory_length=100)
     for t in range(5, tokens.shape[1]):
-        out = model(tokens[:, t:t + 1], memory=out.memory)
+        out = model(tokens[:, t:t + 1], memory=out.memory, memory_length=100)
         torch.testing.assert_close(out.logits[:, 0], full[:, t])
 
 

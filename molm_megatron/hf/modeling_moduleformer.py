@@ -1,0 +1,104 @@
+"""`ModuleFormerForCausalLM`: the Hugging Face model of the published MoLM checkpoints.
+
+It holds our own `MoLMTransformer` under `transformer` and an untied `lm_head`, so its keys are the
+published ones with no renaming (KEY_MAP below lists the only differences) and its logits are the
+training model's by construction. `generate()` uses HF's DynamicCache, which keeps every token, as
+the published model's cache does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from molm_megatron.hf.configuration_moduleformer import ModuleFormerConfig
+from molm_megatron.model.model import MoLM, MoLMTransformer, init_weights
+
+# Published keys that our model does not have: two unused attention buffers per layer (a causal
+# mask and a cumulative-sum matrix that the published code precomputes). Written on save so the
+# published code loads our exports without missing keys; ignored on load.
+UNUSED_PUBLISHED_BUFFERS = (r"transformer\.h\.\d+\.attn\.mask", r"transformer\.h\.\d+\.attn\.cum_weight")
+
+
+class ModuleFormerPreTrainedModel(PreTrainedModel):
+    config_class = ModuleFormerConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["Block"]
+    _keys_to_ignore_on_load_unexpected = list(UNUSED_PUBLISHED_BUFFERS)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_weights(module, self.config.initializer_range)
+
+
+class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__(config)
+        self.transformer = MoLMTransformer(config.to_model_config())
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """HF-style causal LM: `labels` are the inputs (shifted inside, as HF models do)."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        B, T = input_ids.shape
+        memory = None
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            # DynamicCache layers hold [B, nh, S, hs]; our memory is [B, S, nh, hs].
+            memory = [(layer.keys.transpose(1, 2), layer.values.transpose(1, 2)) for layer in past_key_values.layers]
+        # memory_length=T returns exactly this call's keys/values, which the cache appends.
+        h, _, new_memory = self.transformer(input_ids, attention_mask, memory, T)
+        logits = self.lm_head(h)
+        if use_cache:
+            past_key_values = DynamicCache(config=self.config) if past_key_values is None else past_key_values
+            for i, (k, v) in enumerate(new_memory):
+                past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), i)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                               labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    @classmethod
+    def from_molm(cls, model: MoLM) -> "ModuleFormerForCausalLM":
+        """An HF model holding a copy of a training model's weights (key for key)."""
+        hf = cls(ModuleFormerConfig.from_model_config(model.config))
+        hf.load_state_dict(model.state_dict())
+        return hf.to(next(model.parameters()).dtype)
+
+    def to_molm(self) -> MoLM:
+        """A training model with this model's weights."""
+        model = MoLM(self.config.to_model_config())
+        model.load_state_dict(self.state_dict())
+        return model.to(self.dtype)
+
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs):
+        """HF's save_pretrained, plus the published checkpoints' two precomputed attention buffers
+        per layer (a causal mask and a strictly-lower cumulative-sum matrix)."""
+        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        cfg = self.config
+        n = cfg.history_length + cfg.block_size
+        mask = torch.tril(torch.ones(n, n, dtype=torch.int8))
+        cum_weight = torch.tril(torch.ones(n, n, dtype=self.dtype), -1)
+        for i in range(cfg.n_layer):
+            # Own copies per layer: safetensors refuses tensors that share storage.
+            state_dict[f"transformer.h.{i}.attn.mask"] = mask.clone()
+            state_dict[f"transformer.h.{i}.attn.cum_weight"] = cum_weight.clone()
+        return super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
