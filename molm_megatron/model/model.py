@@ -145,7 +145,10 @@ class MoE(nn.Module):
 
     def map(self, x_TD: torch.Tensor, routed: Routed, grouped_out: bool = False) -> torch.Tensor:
         """Per-assignment hidden states: [N, hidden], flat (token-major) order unless grouped_out."""
-        return kernels.parallel_linear(x_TD, self.experts.weight, self.k, routed.index, grouped_out=grouped_out)
+        # K from the routing, not self.k: the expert-parallel dispatcher calls the experts on
+        # received rows that carry one assignment each (K = 1).
+        k = routed.router.experts_TK.shape[1]
+        return kernels.parallel_linear(x_TD, self.experts.weight, k, routed.index, grouped_out=grouped_out)
 
     def reduce(self, h_N: torch.Tensor, routed: Routed, grouped_in: bool = False) -> torch.Tensor:
         """Gated sum over the K choices of each token: [T, D]."""
@@ -353,13 +356,18 @@ class MoLM(nn.Module):
                     out.router_probs_mean[f"layer{i}.{kind}"] = expert_marginal(r.probs_TE, valid).detach()
 
         if labels is not None:
-            # Cross entropy in fp32: bf16 logits lose the small probabilities of a 50k vocabulary.
-            out.lm_loss_sum = F.cross_entropy(at_least_fp32(logits).view(-1, logits.shape[-1]), labels.reshape(-1),
-                                              ignore_index=-100, reduction="sum")
+            out.lm_loss_sum = self.cross_entropy_sum(logits, labels)
             out.num_label_tokens = (labels != -100).sum()
             out.lm_loss = out.lm_loss_sum / out.num_label_tokens.clamp(min=1)
             out.loss = out.lm_loss + self.weighted_aux_loss(out.aux_losses)
         return out
+
+    def cross_entropy_sum(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Sum of the cross entropy over labels != -100. Tensor parallelism replaces it on the
+        instance with a vocab-parallel one (its logits are then one vocabulary shard)."""
+        # fp32: bf16 logits lose the small probabilities of a 50k vocabulary.
+        return F.cross_entropy(at_least_fp32(logits_BTV).view(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1),
+                               ignore_index=-100, reduction="sum")
 
     def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """sum_name weight_name * aux_losses[name], weights from the config."""
