@@ -17,6 +17,9 @@ Masked keys get l = -inf: sigmoid(-inf) = 0 and logsigmoid(+inf) = 0, so they ar
 Shapes (legend): B batch, H query heads, G key/value heads (H = G * r: query head h reads kv head
 h // r, so grouped query heads share K/V without copies), T queries, S keys (S >= T; the queries
 are the last T positions of the S keys: memory / KV cache), D head size.
+
+Packed variable-length sequences: `cu_seqlens` [num_docs + 1] (0, end of doc 0, ..., S) cuts the
+S key positions of every batch row into documents; a query sees only keys of its own document.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ def stickbreaking_attention_reference(
     key_mask_BS: torch.Tensor | None = None,
     attn_dropout: float = 0.0,
     training: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stick-breaking attention, O(T * S) memory; returns o [B, H, T, D] in q's dtype.
 
     key_mask_BS: bool, True for real keys; False keys are transparent (left padding, reset memory).
+    cu_seqlens: optional document boundaries over the S key positions (see the module docstring).
     """
     B, H, T, D = q_BHTD.shape
     G, S = k_BGSD.shape[1], k_BGSD.shape[2]
@@ -54,6 +59,11 @@ def stickbreaking_attention_reference(
     # Query t sits at absolute position S - T + t; it sees keys s <= that position.
     pos_q = torch.arange(T, device=q.device) + (S - T)
     visible = torch.arange(S, device=q.device)[None, :] <= pos_q[:, None]  # (T, S)
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != S:
+            raise ValueError(f"cu_seqlens must run from 0 to S={S}, got {cu_seqlens.tolist()}")
+        doc = torch.bucketize(torch.arange(S, device=q.device), cu_seqlens.to(q.device), right=True)  # (S,)
+        visible = visible & (doc[pos_q][:, None] == doc[None, :])
     if key_mask_BS is not None:
         visible = visible[None] & key_mask_BS.bool()[:, None, :]  # (B, T, S)
         visible = visible[:, None, None]

@@ -1,0 +1,316 @@
+"""Triton scattered expert matmuls (the CUDA path of `kernels.parallel_linear`).
+
+Implements the gather + grouped matmul + scatter of scattermoe (Tan et al., "Scattered
+Mixture-of-Experts Implementation", 2024) with our own kernels; `kernels/scattered_experts_reference.py`
+is the oracle and defines the routing index. No padding and no dropped tokens: every program
+owns a run of at most BLOCK_M consecutive sorted assignments of one expert (each expert's run is
+cut into blocks; the last block of a run is partial and masked), and finds its expert from the
+per-expert offsets itself, so the block size can be autotuned without re-indexing on the host.
+
+Two kernels:
+- `_scatter_mm_kernel`: Y[out_row(n)] = scale_n * X[in_row(n)] @ W[e_n], where in_row is n
+  (grouped input) or flat_n // div (gather; div = k fans a token out to its k choices) and
+  out_row is n (grouped output) or flat_n (scatter back to token-major order). With W transposed
+  (strides swapped, no copy) it is also the dX of the backward.
+- `_expert_xty_kernel`: dW[e] = sum over n of expert e of X[x_row(n)]^T (scale_n * DY[dy_row(n)]):
+  the weight gradient, each program a tile of one expert's [I, O] gradient (deterministic).
+
+Gates: the forward writes the ungated per-choice outputs z in token-major order and sums
+y_t = sum_j g_tj z_(t,j) (a [T,1,K] x [T,K,O] bmm); the backward never materialises g * dy: the
+gate scaling is fused into the dX and dW kernels' row loads. Row offsets are computed in int64.
+
+Legend: T tokens, K choices per token, N = T*K assignments, E experts, I input width, O output width.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.scattered_experts_reference import Routing
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    from kernels._interpreter_compat import patch_interpreter_index
+
+    patch_interpreter_index()
+
+
+def _mm_configs() -> list[triton.Config]:
+    if INTERPRET:  # the interpreter runs one config (autotune with more is broken there)
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+def _xty_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.jit
+def _find_block(OFFSETS, mblk, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Expert e and its run [start, end) of sorted assignments for the mblk-th row block; e = -1
+    for the spare programs past the last block (the grid holds cdiv(N, BLOCK_M) + E of them)."""
+    offs_e = tl.arange(0, E_PAD)
+    ends = tl.load(OFFSETS + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    ends = tl.where(offs_e < E, ends, tl.max(ends, axis=0))
+    starts = tl.where(offs_e == 0, 0, tl.load(OFFSETS + offs_e - 1, mask=(offs_e > 0) & (offs_e < E), other=0))
+    starts = tl.where(offs_e < E, starts.to(tl.int32), ends)
+    blocks_end = tl.cumsum(tl.cdiv(ends - starts, BLOCK_M), axis=0)  # inclusive count per expert
+    e = tl.sum((blocks_end <= mblk).to(tl.int32), axis=0)
+    valid = e < E
+    blocks_before = tl.sum(tl.where(offs_e < e, tl.cdiv(ends - starts, BLOCK_M), 0), axis=0)
+    start = tl.sum(tl.where(offs_e == e, starts, 0), axis=0) + (mblk - blocks_before) * BLOCK_M
+    end = tl.sum(tl.where(offs_e == e, ends, 0), axis=0)
+    return tl.where(valid, e, -1), start, end
+
+
+@triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCATTER"])
+@triton.jit
+def _scatter_mm_kernel(
+    X, W, Y, SCALE, SORTED_FLAT, OFFSETS,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
+    N, I, O, E, in_div,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr, E_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(O, BLOCK_N)
+    # Column tiles of one row block are neighbours in launch order: the gathered rows stay in L2.
+    mblk = pid // num_n
+    nblk = pid % num_n
+    e, start, end = _find_block(OFFSETS, mblk, E, E_PAD, BLOCK_M)
+    if e < 0:
+        return
+    offs_m = start + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < end
+    if GATHER or SCATTER:
+        flat = tl.load(SORTED_FLAT + offs_m, mask=row_ok, other=0).to(tl.int64)
+    if GATHER:
+        in_row = flat // in_div
+    else:
+        in_row = offs_m.to(tl.int64)
+    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + in_row[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kk in range(0, tl.cdiv(I, BLOCK_K)):
+        k_ok = offs_k + kk * BLOCK_K < I
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < O), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_SCALE:
+        acc *= tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:
+        out_row = flat
+    else:
+        out_row = offs_m.to(tl.int64)
+    tl.store(Y + out_row[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_n[None, :] < O))
+
+
+@triton.jit
+def _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm, stride_xk, stride_dm, stride_dn,
+              I, O, x_div, dy_div, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += X[rows n..n+BLOCK_K)^T @ (scale * DY[rows]) for one chunk of an expert's run."""
+    offs_r = n + tl.arange(0, BLOCK_K)
+    r_ok = offs_r < end
+    if X_GATHER or DY_GATHER:
+        flat = tl.load(SORTED_FLAT + offs_r, mask=r_ok, other=0).to(tl.int64)
+    if X_GATHER:
+        x_row = flat // x_div
+    else:
+        x_row = offs_r.to(tl.int64)
+    if DY_GATHER:
+        dy_row = flat // dy_div
+    else:
+        dy_row = offs_r.to(tl.int64)
+    xt = tl.load(X + x_row[None, :] * stride_xm + offs_i[:, None] * stride_xk,
+                 mask=r_ok[None, :] & (offs_i[:, None] < I), other=0.0)  # (BLOCK_M, BLOCK_K)
+    dy = tl.load(DY + dy_row[:, None] * stride_dm + offs_o[None, :] * stride_dn,
+                 mask=r_ok[:, None] & (offs_o[None, :] < O), other=0.0)  # (BLOCK_K, BLOCK_N)
+    if HAS_SCALE:
+        g = tl.load(SCALE + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        dy = (dy.to(tl.float32) * g[:, None]).to(dy.dtype)
+    return tl.dot(xt, dy, acc, input_precision=DOT_PREC)
+
+
+@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER"])
+@triton.jit
+def _expert_xty_kernel(
+    X, DY, DW, SCALE, SORTED_FLAT, OFFSETS,
+    stride_xm, stride_xk, stride_dm, stride_dn, stride_we, stride_wi, stride_wo,
+    I, O, x_div, dy_div,
+    X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_o = tl.cdiv(O, BLOCK_N)
+    offs_i = (pid // num_o) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = (pid % num_o) * BLOCK_N + tl.arange(0, BLOCK_N)
+    end = tl.load(OFFSETS + e).to(tl.int32)
+    start = tl.where(e > 0, tl.load(OFFSETS + e - 1, mask=e > 0, other=0), 0).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for n in range(start, end, BLOCK_K):
+        acc = _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm, stride_xk,
+                        stride_dm, stride_dn, I, O, x_div, dy_div, X_GATHER, DY_GATHER, HAS_SCALE,
+                        DOT_PREC, BLOCK_K)
+    tl.store(DW + e.to(tl.int64) * stride_we + offs_i[:, None] * stride_wi + offs_o[None, :] * stride_wo,
+             acc.to(DW.dtype.element_ty), mask=(offs_i[:, None] < I) & (offs_o[None, :] < O))
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision dots (tf32 would cost 1e-3 relative error); 16-bit ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
+               gather_div: int | None, scatter: bool, scale_N: torch.Tensor | None = None,
+               transpose_w: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y[out_row(n)] = scale_n * X[in_row(n)] @ W[e_n] (W[e_n]^T with transpose_w) for the N
+    sorted assignments. in_row = flat_n // gather_div, or n when gather_div is None; out_row =
+    flat_n when scatter, else n. Returns Y [N, O] (or fills `out`)."""
+    N = sorted_flat_N.numel()
+    E = w_EIO.shape[0]
+    I, O = (w_EIO.shape[2], w_EIO.shape[1]) if transpose_w else (w_EIO.shape[1], w_EIO.shape[2])
+    if x.dim() != 2 or x.shape[1] != I:
+        raise ValueError(f"x must be [rows, {I}] for weights {tuple(w_EIO.shape)} (transposed={transpose_w}), "
+                         f"got {tuple(x.shape)}")
+    if expert_offsets_E.numel() != E:
+        raise ValueError(f"expert_offsets has {expert_offsets_E.numel()} entries for {E} experts")
+    if gather_div is None and x.shape[0] != N:
+        raise ValueError(f"grouped input must have one row per assignment ({N}), got {x.shape[0]}")
+    if x.dtype != w_EIO.dtype:
+        raise ValueError(f"x ({x.dtype}) and weights ({w_EIO.dtype}) must share a dtype")
+    y = out if out is not None else x.new_empty(N, O)
+    if N == 0:
+        return y
+    sw = w_EIO.stride()
+    stride_wk, stride_wn = (sw[2], sw[1]) if transpose_w else (sw[1], sw[2])
+    scale = scale_N if scale_N is not None else x
+    grid = lambda meta: ((triton.cdiv(N, meta["BLOCK_M"]) + E) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
+    _scatter_mm_kernel[grid](
+        x, w_EIO, y, scale, sorted_flat_N, expert_offsets_E,
+        x.stride(0), x.stride(1), sw[0], stride_wk, stride_wn, y.stride(0), y.stride(1),
+        N, I, O, E, gather_div or 1,
+        GATHER=gather_div is not None, SCATTER=scatter, HAS_SCALE=scale_N is not None,
+        E_PAD=triton.next_power_of_2(E), DOT_PREC=_dot_prec(x.dtype),
+    )
+    return y
+
+
+def expert_xty(x: torch.Tensor, dy: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
+               x_div: int | None, dy_div: int | None, scale_N: torch.Tensor | None = None) -> torch.Tensor:
+    """dW [E, I, O]: dW[e] = sum over expert e's sorted assignments n of
+    X[x_row(n)]^T (scale_n * DY[dy_row(n)]), rows gathered like `scatter_mm`'s in_row."""
+    E, I, O = expert_offsets_E.numel(), x.shape[1], dy.shape[1]
+    dw = torch.empty(E, I, O, dtype=x.dtype, device=x.device)
+    if E == 0:
+        return dw
+    scale = scale_N if scale_N is not None else x
+    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]), E)  # noqa: E731
+    _expert_xty_kernel[grid](
+        x, dy, dw, scale, sorted_flat_N, expert_offsets_E,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
+        I, O, x_div or 1, dy_div or 1,
+        X_GATHER=x_div is not None, DY_GATHER=dy_div is not None, HAS_SCALE=scale_N is not None,
+        DOT_PREC=_dot_prec(x.dtype),
+    )
+    return dw
+
+
+# torch.library ops: opaque to torch.compile (the fakes give it shapes).
+@torch.library.custom_op("molm_kernels::scatter_mm", mutates_args=())
+def _scatter_mm_op(x: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                   gather_div: int, scatter: bool, scale: torch.Tensor | None, transpose_w: bool) -> torch.Tensor:
+    return scatter_mm(x, w, sorted_flat, offsets, gather_div or None, scatter, scale, transpose_w)
+
+
+@_scatter_mm_op.register_fake
+def _(x, w, sorted_flat, offsets, gather_div, scatter, scale, transpose_w):
+    return x.new_empty(sorted_flat.numel(), w.shape[1] if transpose_w else w.shape[2])
+
+
+@torch.library.custom_op("molm_kernels::expert_xty", mutates_args=())
+def _expert_xty_op(x: torch.Tensor, dy: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                   x_div: int, dy_div: int, scale: torch.Tensor | None) -> torch.Tensor:
+    return expert_xty(x, dy, sorted_flat, offsets, x_div or None, dy_div or None, scale)
+
+
+@_expert_xty_op.register_fake
+def _(x, dy, sorted_flat, offsets, x_div, dy_div, scale):
+    return x.new_empty(offsets.numel(), x.shape[1], dy.shape[1])
+
+
+class _ParallelLinear(torch.autograd.Function):
+    # gather_div 0 means "grouped" (no gather) in the ops' integer arguments.
+    @staticmethod
+    def forward(ctx, x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK):
+        in_div = 0 if grouped_in else k
+        z = _scatter_mm_op(x, w_EIO, sorted_flat, offsets, in_div, not grouped_out, None, False)
+        ctx.k, ctx.in_div, ctx.grouped_out = k, in_div, grouped_out
+        ctx.x_rows = x.shape[0]
+        if gates_TK is None:
+            ctx.save_for_backward(x, w_EIO, sorted_flat, offsets)
+            return z
+        T, K = gates_TK.shape
+        y = torch.bmm(gates_TK.unsqueeze(1).to(z.dtype), z.view(T, K, -1)).squeeze(1)  # (T, O)
+        ctx.save_for_backward(x, w_EIO, sorted_flat, offsets, gates_TK, z)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_EIO, sorted_flat, offsets, *gated = ctx.saved_tensors
+        dy = dy.contiguous()
+        if gated:
+            gates_TK, z = gated
+            T, K = gates_TK.shape
+            dgates = torch.bmm(z.view(T, K, -1), dy.unsqueeze(-1).to(z.dtype)).squeeze(-1).to(gates_TK.dtype)
+            # dz_n = g_n * dy[token(n)]: gathered and scaled inside the kernels, never stored.
+            dz_div, scale = K, gates_TK.reshape(-1)[sorted_flat].to(dy.dtype)
+        else:
+            dgates, scale = None, None
+            dz_div = 0 if ctx.grouped_out else 1  # dy in sorted order, or token-major (row = flat)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # dx_n = dz_n W[e_n]^T, written where x_n was read from (flat order when gathered).
+            dx = _scatter_mm_op(dy, w_EIO, sorted_flat, offsets, dz_div, ctx.in_div != 0, scale, True)
+            if ctx.in_div > 1:
+                dx = dx.view(ctx.x_rows, ctx.in_div, -1).sum(1)  # a token's k choices read one row
+        if ctx.needs_input_grad[1]:
+            dw = _expert_xty_op(x, dy, sorted_flat, offsets, ctx.in_div, dz_div, scale)
+        return dx, dw, None, None, None, None, None, dgates
+
+
+def parallel_linear_triton(
+    x: torch.Tensor,
+    w_EIO: torch.Tensor,
+    k: int,
+    routing: Routing,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    gates_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scattered expert matmul with the Triton kernels; semantics of
+    `kernels.scattered_experts_reference.parallel_linear_reference` (same arguments and shapes)."""
+    if gates_TK is not None and grouped_out:
+        raise ValueError("gates need flat-order output (grouped_out=False)")
+    _, sorted_flat, offsets = routing
+    return _ParallelLinear.apply(x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK)
