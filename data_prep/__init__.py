@@ -1,0 +1,20 @@
+"""Data preparation: corpora (the Pile, CC-100, jsonl, Parquet, saved HF datasets) tokenized into
+megatron-core indexed `.bin/.idx` datasets. `python -m data_prep --help` explains the command.
+"""
+
+from data_prep.pipeline import PrepConfig, Summary, prepare, prepare_text_files, stdlib_sources, token_dtype
+from data_prep.readers import FORMATS, REASONS, Document, InputReader, Skipped
+
+__all__ = [
+    "FORMATS",
+    "REASONS",
+    "Document",
+    "InputReader",
+    "PrepConfig",
+    "Skipped",
+    "Summary",
+    "prepare",
+    "prepare_text_files",
+    "stdlib_sources",
+    "token_dtype",
+]
