@@ -77,7 +77,7 @@ def _find_block(OFFSETS, mblk, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     return tl.where(valid, e, -1), start, end
 
 
-@triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCATTER"])
+@triton.autotune(configs=_mm_configs(), key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE"])
 @triton.jit
 def _scatter_mm_kernel(
     X, W, Y, SCALE, SORTED_FLAT, OFFSETS,
@@ -96,8 +96,7 @@ def _scatter_mm_kernel(
         return
     offs_m = start + tl.arange(0, BLOCK_M)
     row_ok = offs_m < end
-    if GATHER or SCATTER:
-        flat = tl.load(SORTED_FLAT + offs_m, mask=row_ok, other=0).to(tl.int64)
+    flat = tl.load(SORTED_FLAT + offs_m, mask=row_ok, other=0).to(tl.int64)
     if GATHER:
         in_row = flat // in_div
     else:
@@ -131,8 +130,7 @@ def _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm,
     """acc += X[rows n..n+BLOCK_K)^T @ (scale * DY[rows]) for one chunk of an expert's run."""
     offs_r = n + tl.arange(0, BLOCK_K)
     r_ok = offs_r < end
-    if X_GATHER or DY_GATHER:
-        flat = tl.load(SORTED_FLAT + offs_r, mask=r_ok, other=0).to(tl.int64)
+    flat = tl.load(SORTED_FLAT + offs_r, mask=r_ok, other=0).to(tl.int64)
     if X_GATHER:
         x_row = flat // x_div
     else:
@@ -151,7 +149,7 @@ def _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm,
     return tl.dot(xt, dy, acc, input_precision=DOT_PREC)
 
 
-@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER"])
+@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER", "HAS_SCALE"])
 @triton.jit
 def _expert_xty_kernel(
     X, DY, DW, SCALE, SORTED_FLAT, OFFSETS,
