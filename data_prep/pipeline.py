@@ -31,7 +31,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -247,7 +247,7 @@ def _chunks(docs: Iterable[Document], chunk_bytes: int) -> Iterable[tuple[list[O
         yield domains, texts
 
 
-def _tokenized_chunks(docs: Iterable[Document], config: PrepConfig):
+def _tokenized_chunks(docs: Iterable[Document], config: PrepConfig) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
     """(domains, tokens, lengths) per chunk, in input order, whatever the number of workers."""
     if config.workers == 1:
         _init_tokenizer(config.tokenizer, config.backend)

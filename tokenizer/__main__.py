@@ -13,7 +13,6 @@ from data_prep.readers import FORMATS, Document, InputReader, check_readable
 from tokenizer.codegen import VOCAB_SIZE, build_codegen_tokenizer
 from tokenizer.training import KINDS, extend_bytelevel_bpe, train_tokenizer
 
-log = logging.getLogger("tokenizer")
 
 
 def _texts(args: argparse.Namespace) -> Iterator[str]:

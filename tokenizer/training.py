@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import io
 import json
-import logging
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,8 +31,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizer.codegen import EOS_TOKEN, codegen_tokenizer
 from tokenizer.folder import eos_token_of, replace_dir, save_hf_folder
 from tokenizer.loading import CODEGEN
-
-log = logging.getLogger(__name__)
 
 SENTENCEPIECE_KINDS = ("sentencepiece-bpe", "sentencepiece-unigram")
 KINDS = SENTENCEPIECE_KINDS + ("bytelevel-bpe",)
@@ -137,7 +134,8 @@ def extend_bytelevel_bpe(base_dir: str | Path, texts: Iterable[str], num_new_tok
     for added in spec["added_tokens"]:
         vocab.setdefault(added["content"], added["id"])
     next_id = base.get_vocab_size(with_added_tokens=True)
-    assert sorted(vocab.values()) == list(range(next_id)), "base vocabulary ids are not 0..n-1"
+    if sorted(vocab.values()) != list(range(next_id)):
+        raise ValueError(f"{base_dir}: the base vocabulary ids are not 0..{next_id - 1} without gaps")
     new_tokens = []
     for left, right in merges:
         vocab[left + right] = next_id

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_prep import stdlib_sources
-from tokenizer import CODEGEN, EOS_ID, VOCAB_SIZE, build_codegen_tokenizer, load_tokenizer
+from tokenizer import CODEGEN, EOS_ID, VOCAB_SIZE, load_tokenizer
 from tokenizer.__main__ import main as tokenizer_cli
 
 # Ids published outside this project. GPT-2: "Hello world" and " the" are the ids every GPT-2 BPE
