@@ -497,7 +497,7 @@ def build_arg_parser():
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="pretrain.py",
+        prog="pretrain.py", usage="%(prog)s [-h] [--config FILE.yaml] [--section.field VALUE ...]",
         description="Pretrain a ModuleFormer (MoLM) model with DeepSpeed. Settings come from the dataclasses of "
                     "molm_megatron/config.py: defaults, then the YAML file (the same section/field tree), then "
                     "--section.field flags. Runs as one process, under torchrun or under the deepspeed launcher.",
@@ -506,17 +506,18 @@ def build_arg_parser():
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     for section, cls in SECTION_TYPES.items():
-        group = parser.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0]}")
+        group = parser.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0].rstrip('.')}")
         docs, types = field_docs(cls), _field_types(cls)
         if section == "model":
             docs = {"preset": docs["preset"], **field_docs(ModelConfig)}
             types = {"preset": "str", **_field_types(ModelConfig)}
-        defaults = dataclasses.asdict(cls()) if section != "model" else {
-            "preset": ModelSection().preset, **{k: "preset's" for k in types if k != "preset"}}
+        defaults = {k: repr(v) for k, v in dataclasses.asdict(cls()).items()}
+        if section == "model":
+            defaults = {"preset": repr(ModelSection().preset), **{k: "the preset's" for k in types if k != "preset"}}
         for name, kind in types.items():
             if name == "overrides":
                 continue
-            help_text = f"{docs.get(name, '')} [{kind}; default: {defaults.get(name)!r}]".replace("%", "%%")
+            help_text = f"{docs.get(name, '')} [{kind}; default: {defaults[name]}]".replace("%", "%%")
             group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar=kind.split("[")[-1].rstrip("]").upper(),
                                nargs="+" if kind.startswith("list[") else None, help=help_text)
     return parser

@@ -83,11 +83,11 @@ class Progress:
         return {"progress/steps_per_s": rate, "progress/eta_s": eta}
 
 
-def _format_line(metrics: dict[str, float], step: int, total_steps: int) -> str:
-    """One human-readable line; the JSON line holds every key."""
+def _format_line(metrics: dict[str, float], step: int, total_steps: int, aux_name: str) -> str:
+    """One human-readable line with the load-balancing loss in use; the JSON line holds every key."""
     parts = [f"step {step}/{total_steps}"]
-    for key, label, fmt in (("loss/lm", "loss", "{:.4f}"), ("loss/mi", "mi", "{:.4f}"),
-                            ("loss/switch", "switch", "{:.4f}"), ("valid/loss", "valid", "{:.4f}"),
+    for key, label, fmt in (("loss/lm", "loss", "{:.4f}"), (f"loss/{aux_name}", aux_name, "{:.4f}"),
+                            ("valid/loss", "valid", "{:.4f}"),
                             ("valid/ppl", "ppl", "{:.2f}"), ("lr", "lr", "{:.2e}"),
                             ("grad_norm", "gnorm", "{:.3f}"), ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
                             ("mfu", "mfu", "{:.1%}"), ("memory/max_allocated_gib", "mem", "{:.1f} GiB"),
@@ -103,8 +103,8 @@ def _format_line(metrics: dict[str, float], step: int, total_steps: int) -> str:
 class MetricsLogger:
     """`log(metrics, step)` writes one stdout line, one JSON line and TensorBoard scalars (rank 0 only)."""
 
-    def __init__(self, directory: str, total_steps: int, tensorboard: bool, enabled: bool):
-        self.enabled, self.total_steps = enabled, total_steps
+    def __init__(self, directory: str, total_steps: int, tensorboard: bool, enabled: bool, aux_name: str = "mi"):
+        self.enabled, self.total_steps, self.aux_name = enabled, total_steps, aux_name
         self.jsonl = self.writer = None
         if not enabled:
             return
@@ -118,7 +118,7 @@ class MetricsLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        print(_format_line(metrics, step, self.total_steps), file=sys.stdout, flush=True)
+        print(_format_line(metrics, step, self.total_steps, self.aux_name), file=sys.stdout, flush=True)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:

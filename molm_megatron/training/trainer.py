@@ -16,6 +16,7 @@ Legend: B micro-batch rows, T segment tokens, M memory tokens per row, E experts
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from molm_megatron.config import JobConfig
+from molm_megatron.config import JobConfig, ModelConfig
 from molm_megatron.model import MoLM
 from molm_megatron.model.losses import AUX_LOSS_NAMES
 from molm_megatron.training.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -84,18 +85,38 @@ def init_distributed(device: torch.device, backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def build_stream_data(job: JobConfig, cfg: ModelConfig, dp_rank: int, dp_size: int):
+    """This rank's Transformer-XL stream loader over the blended training split, and a factory of
+    one-pass validation iterators over the held-out split (None without validation)."""
+    from molm_megatron.data import DataSpec, TransformerXLStreamLoader, build_token_sources, validation_batches
+
+    d, t = job.data, job.train
+    if not d.prefixes:
+        raise ValueError("data.prefixes is empty: give the indexed datasets written by data_prep "
+                         "(--data.prefixes PREFIX [PREFIX ...], without .bin/.idx)")
+    spec = DataSpec(list(d.prefixes), list(d.weights) or [1.0] * len(d.prefixes), d.split)
+    if spec.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the data's vocabulary ({spec.vocab_size} ids, from {d.prefixes[0]}.json) exceeds "
+                         f"model.vocab_size ({cfg.vocab_size})")
+    sources = build_token_sources(spec)
+    loader = TransformerXLStreamLoader(sources["train"], t.micro_batch_size, cfg.block_size, dp_rank, dp_size, t.seed)
+    if not t.eval_interval:
+        return loader, None
+    if sources["valid"] is None:
+        raise ValueError(f"train.eval_interval is {t.eval_interval} but data.split ({d.split!r}) leaves the "
+                         "validation split without documents")
+    return loader, lambda: validation_batches(sources["valid"], t.micro_batch_size, cfg.block_size, dp_rank,
+                                              dp_size, t.seed)
+
+
 class Trainer:
     """Owns everything of a run; `train()` returns the process exit code (0, 75 preempted, 3 non-finite)."""
 
-    def __init__(self, job: JobConfig, build_data=None):
-        """`build_data(data_cfg, seq_len, micro_batch_size, dp_rank, dp_size, seed)` returns the
-        training loader and a factory of validation loaders; default: the indexed-dataset blend."""
+    def __init__(self, job: JobConfig):
         import deepspeed
 
         from molm_megatron import parallel
 
-        if build_data is None:
-            from molm_megatron.data import build_pretraining_data as build_data
         self.job = job
         self.cfg = job.validate()
         t = job.train
@@ -133,9 +154,8 @@ class Trainer:
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job)),
                 mpu=self.groups)
 
-        self.loader, self.make_valid_loader = build_data(
-            job.data, seq_len=self.cfg.block_size, micro_batch_size=t.micro_batch_size,
-            dp_rank=self.groups.dp_rank, dp_size=dp_size, seed=t.seed)
+        self.loader, self.make_valid_loader = build_stream_data(
+            job, self.cfg, dp_rank=self.groups.dp_rank, dp_size=dp_size)
 
         # Trainer state that survives a restart (with the engine's, the loader's and the RNGs').
         self.step = 0
@@ -151,7 +171,8 @@ class Trainer:
             if job.checkpoint.dir else None
         self._maybe_resume()
 
-        self.metrics = MetricsLogger(job.metrics.dir, t.steps, job.metrics.tensorboard, enabled=self.rank == 0)
+        self.metrics = MetricsLogger(job.metrics.dir, t.steps, job.metrics.tensorboard, enabled=self.rank == 0,
+                                     aux_name=self.cfg.aux_loss_type)
         self.peak_flops = peak_flops_per_device(self.device, job.metrics.peak_tflops)
         self.flops_per_token = self.cfg.flops_per_token(self.cfg.block_size)
         self.stop_signal: int | None = None
@@ -341,12 +362,11 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Held-out loss and perplexity over `train.eval_steps` windows per rank, with memory."""
         self.engine.eval()
-        loader = self.make_valid_loader()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         saved = (self.memory, self.memory_valid_BM)
         self.memory = self.memory_valid_BM = None
-        for _ in range(self.job.train.eval_steps):
-            batch = next(loader)
+        # Every rank has the same number of windows, so all take part in each forward (EP all-to-all).
+        for batch in itertools.islice(self.make_valid_loader(), self.job.train.eval_steps):
             memory, mask_BS = self._memory_inputs(batch.reset_memory.to(self.device))
             out = self.engine(batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
                               attention_mask=mask_BS, memory=memory)
@@ -363,5 +383,6 @@ class Trainer:
         from molm_megatron.parallel import destroy_parallel
 
         self.metrics.close()
+        self.engine.destroy()
         destroy_parallel(self.groups)
 

@@ -1,0 +1,1 @@
+"""Tests of molm_megatron.training and pretrain.py (CPU, gloo)."""
