@@ -16,7 +16,7 @@ Two kernels:
   the weight gradient, each program a tile of one expert's [I, O] gradient (deterministic).
 
 Gates: the forward writes the ungated per-choice outputs z in token-major order and sums
-y_t = sum_j g_tj z_(t,j) (a [T,1,K] x [T,K,O] bmm); the backward never materialises g * dy: the
+y_t = sum_j g_tj z_(t,j) in one bandwidth-bound pass (`gate_sum`); the backward never materialises g * dy: the
 gate scaling is fused into the dX and dW kernels' row loads. Row offsets are computed in int64.
 
 Legend: T tokens, K choices per token, N = T*K assignments, E experts, I input width, O output width.
@@ -46,6 +46,7 @@ def _mm_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     ]
 
 
@@ -55,8 +56,20 @@ def _xty_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=5),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     ]
+
+
+def _prune_fp32(configs, named_args, **kwargs):
+    """fp32 (tests, checks) gets the smallest tile: ieee fp32 dots on big tiles spill and compile
+    for minutes, and speed in fp32 is not a goal."""
+    first = next(iter(named_args.values()))
+    if getattr(first, "dtype", None) == torch.float32:
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return configs
 
 
 @triton.jit
@@ -77,7 +90,8 @@ def _find_block(OFFSETS, mblk, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     return tl.where(valid, e, -1), start, end
 
 
-@triton.autotune(configs=_mm_configs(), key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE"])
+@triton.autotune(configs=_mm_configs(), key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE"],
+                 prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
 def _scatter_mm_kernel(
     X, W, Y, SCALE, SORTED_FLAT, OFFSETS,
@@ -149,7 +163,8 @@ def _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm,
     return tl.dot(xt, dy, acc, input_precision=DOT_PREC)
 
 
-@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER", "HAS_SCALE"])
+@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER", "HAS_SCALE"],
+                 prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
 def _expert_xty_kernel(
     X, DY, DW, SCALE, SORTED_FLAT, OFFSETS,
@@ -172,6 +187,58 @@ def _expert_xty_kernel(
                         DOT_PREC, BLOCK_K)
     tl.store(DW + e.to(tl.int64) * stride_we + offs_i[:, None] * stride_wi + offs_o[None, :] * stride_wo,
              acc.to(DW.dtype.element_ty), mask=(offs_i[:, None] < I) & (offs_o[None, :] < O))
+
+
+@triton.jit
+def _gate_sum_kernel(Z, GATES, Y, O, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_O: tl.constexpr):
+    """y[t] = sum_j g[t, j] z[t*K + j] for one token and BLOCK_O columns (z, y contiguous)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_j = tl.arange(0, K_PAD)
+    g = tl.load(GATES + t * K + offs_j, mask=offs_j < K, other=0.0).to(tl.float32)
+    z = tl.load(Z + (t * K + offs_j[:, None]) * O + offs_o[None, :], mask=(offs_j[:, None] < K) & (offs_o[None, :] < O),
+                other=0.0).to(tl.float32)
+    tl.store(Y + t * O + offs_o, tl.sum(g[:, None] * z, axis=0).to(Y.dtype.element_ty), mask=offs_o < O)
+
+
+@triton.jit
+def _gate_grad_kernel(Z, DY, DGATES, O, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_O: tl.constexpr):
+    """dg[t, j] = dy[t] . z[t*K + j] (z, dy contiguous), fp32 accumulation."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, K_PAD)
+    acc = tl.zeros([K_PAD], dtype=tl.float32)
+    for o0 in range(0, O, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        dy = tl.load(DY + t * O + offs_o, mask=offs_o < O, other=0.0).to(tl.float32)
+        z = tl.load(Z + (t * K + offs_j[:, None]) * O + offs_o[None, :],
+                    mask=(offs_j[:, None] < K) & (offs_o[None, :] < O), other=0.0).to(tl.float32)
+        acc += tl.sum(z * dy[None, :], axis=1)
+    tl.store(DGATES + t * K + offs_j, acc.to(DGATES.dtype.element_ty), mask=offs_j < K)
+
+
+def gate_sum(z_NO: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+    """[T, O]: the gated sum of each token's K rows of z (token-major [T*K, O]). A bandwidth-bound
+    pass; torch's bmm with one-row matrices runs as a slow batched gemv here."""
+    T, K = gates_TK.shape
+    O = z_NO.shape[1]
+    z_NO, gates_TK = z_NO.contiguous(), gates_TK.contiguous()
+    y = z_NO.new_empty(T, O)
+    block = min(1024, triton.next_power_of_2(max(O, 16)))
+    if T:
+        _gate_sum_kernel[(T, triton.cdiv(O, block))](z_NO, gates_TK, y, O, K=K, K_PAD=triton.next_power_of_2(K),
+                                                      BLOCK_O=block)
+    return y
+
+
+def gate_grad(z_NO: torch.Tensor, dy_TO: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+    """d loss / d gates [T, K] = dy[t] . z[t*K + j]."""
+    T, K = gates_TK.shape
+    O = z_NO.shape[1]
+    dg = torch.empty(T, K, dtype=gates_TK.dtype, device=gates_TK.device)
+    if T:
+        _gate_grad_kernel[(T,)](z_NO.contiguous(), dy_TO.contiguous(), dg, O, K=K,
+                                K_PAD=triton.next_power_of_2(K), BLOCK_O=min(1024, triton.next_power_of_2(max(O, 16))))
+    return dg
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -268,8 +335,7 @@ class _ParallelLinear(torch.autograd.Function):
         if gates_TK is None:
             ctx.save_for_backward(x, w_EIO, sorted_flat, offsets)
             return z
-        T, K = gates_TK.shape
-        y = torch.bmm(gates_TK.unsqueeze(1).to(z.dtype), z.view(T, K, -1)).squeeze(1)  # (T, O)
+        y = gate_sum(z, gates_TK.to(z.dtype))  # (T, O)
         ctx.save_for_backward(x, w_EIO, sorted_flat, offsets, gates_TK, z)
         return y
 
@@ -280,7 +346,7 @@ class _ParallelLinear(torch.autograd.Function):
         if gated:
             gates_TK, z = gated
             T, K = gates_TK.shape
-            dgates = torch.bmm(z.view(T, K, -1), dy.unsqueeze(-1).to(z.dtype)).squeeze(-1).to(gates_TK.dtype)
+            dgates = gate_grad(z, dy.to(z.dtype), gates_TK)
             # dz_n = g_n * dy[token(n)]: gathered and scaled inside the kernels, never stored.
             dz_div, scale = K, gates_TK.reshape(-1)[sorted_flat].to(dy.dtype)
         else:

@@ -14,16 +14,18 @@ over), far below fp32 rounding at the default 32 nats, so the sweep stops there 
 reuses the same stopping block (it differentiates exactly the function the forward computed).
 `truncate=inf` gives the untruncated sweep.
 
-Backward, per row i, with dA_ij = do_i . v_j and R_i = do_i . o_i = sum_j A_ij dA_ij:
+Backward, per row i, with dA_ij = do_i . v_j:
 
     dl_ij = A_ij dA_ij - sigmoid(l_ij) * sum_{j' <= j} A_ij' dA_ij'
-          = A_ij dA_ij - sigmoid(l_ij) * (R_i - sum_{j' > j} A_ij' dA_ij')
 
-so the same right-to-left sweep carries the suffix sum and needs no O(T^2) storage. dq stays in
-registers; dK and dV are summed over query blocks (and over the query heads sharing a K/V head)
-in fp32 buffers, either with atomics or, `deterministic=True`, in a fixed order: the programs
-touching a key block add their tile one after another, in program order, waiting on a per-block
-counter (each waits only on programs launched before it, so it cannot deadlock).
+One program per query block sweeps the same key blocks left to right, carrying the prefix sums of
+softplus and of A * dA; A_ij comes from the forward's per-row softplus total (`total`, fp32) minus
+the prefix. (Right to left it would need R_i = do_i . o_i, which bf16 rounding of o corrupts by
+cancellation.) No O(T^2) storage. dq stays in registers; dK and dV are summed over query blocks
+(and over the query heads sharing a K/V head) in fp32 buffers, either with atomics or,
+`deterministic=True` (default), in a fixed order: the programs touching a key block add their
+tile one after another in program order, waiting on a per-block counter (each waits only on
+programs launched before it, so it cannot deadlock).
 
 Heads wider than 256 (MoLM: one 1024-wide head) do not fit shared memory whole (about 227 KB per
 block on H100): scores are accumulated over BLOCK_DK-wide slices of the head, and each program
@@ -118,7 +120,7 @@ def _row_setup(mb, b, T, S, doc_base, stride_ds, BLOCK_M: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _sb_fwd_kernel(
-    Q, K, V, O, KEY_MASK, DOC_START, STOP,
+    Q, K, V, O, KEY_MASK, DOC_START, STOP, TOTAL,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kg, stride_ks, stride_kd,
     stride_vb, stride_vg, stride_vs, stride_vd,
@@ -178,15 +180,17 @@ def _sb_fwd_kernel(
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D))
     if pid % NUM_DV == 0:
         tl.store(STOP + bh * num_mb + mb, n + BLOCK_N)  # the leftmost key block swept
+        tl.store(TOTAL + bh.to(tl.int64) * T + offs_m, acc, mask=row_ok)  # for the backward
 
 
 @triton.jit
 def _sb_bwd_kernel(
-    Q, K, V, DO, R, STOP, LOOP_LO, KEY_MASK, DOC_START, DQ, DK, DV, RANK, COUNT,
+    Q, K, V, DO, TOTAL, STOP, LOOP_LO, KEY_MASK, DOC_START, DQ, DK, DV, RANK, COUNT,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kg, stride_ks, stride_kd,
     stride_vb, stride_vg, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_mb, stride_ms, stride_db, stride_ds,
     H, G, T, S, num_rep, qk_scale2, scale,
     D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DOC: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -196,24 +200,23 @@ def _sb_bwd_kernel(
     num_mb = tl.cdiv(T, BLOCK_M)
     num_nb = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
-    # Program order within one kv head: query block, then query head of the group, then output
-    # slice. Deterministic mode waits only on programs earlier in this order.
+    # Program order within one kv head: query block (last first), then query head of the group,
+    # then output slice. The sweeps run left to right, so a later query block reaches each key
+    # block one step after the block before it in this order: the ordered adds rarely wait.
     dvc = pid % NUM_DV
     rep = (pid // NUM_DV) % num_rep
-    mb = pid // (NUM_DV * num_rep)
+    mb = num_mb - 1 - pid // (NUM_DV * num_rep)
     dv0 = dvc * BLOCK_DV
     bg = tl.program_id(1)
     b = bg // G
     g = bg % G
     h = g * num_rep + rep
     bh = b * H + h
-    # DQ, DO and O share one layout (all [B, H, T, D] with the strides of `stride_o*`).
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    do_base = DO + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kg
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vg
-    # dK and dV buffers are contiguous fp32 [B, G, S, D].
-    dkv_off = bg.to(tl.int64) * S * D
+    dkv_off = bg.to(tl.int64) * S * D  # dK and dV buffers are contiguous fp32 [B, G, S, D]
     km_base = KEY_MASK + b.to(tl.int64) * stride_mb
     doc_base = DOC_START + b.to(tl.int64) * stride_db
     offs_m, row_ok, pos_m, row_lo, n_start = _row_setup(mb, b, T, S, doc_base, stride_ds, BLOCK_M, BLOCK_N,
@@ -221,46 +224,48 @@ def _sb_bwd_kernel(
     # Each row sees exactly the keys its forward block swept: none left of that block's stop.
     row_stop = tl.load(STOP + bh * tl.cdiv(T, FWD_BLOCK_M) + offs_m // FWD_BLOCK_M, mask=row_ok, other=S)
     row_lo = tl.maximum(row_lo, row_stop)
-    n_stop = tl.load(LOOP_LO + bh * num_mb + mb)
+    n_lo = tl.load(LOOP_LO + bh * num_mb + mb)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = dv0 + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < D
     q_pre = _load_rows(q_base, offs_m, offs_dk, row_ok, stride_qt, stride_qd, D, NUM_DK)
-    do_pre = _load_rows(do_base, offs_m, offs_dk, row_ok, stride_ot, stride_od, D, NUM_DK)
+    do_pre = _load_rows(do_base, offs_m, offs_dk, row_ok, stride_dot, stride_dod, D, NUM_DK)
     if NUM_DK == 1:
         q_dv = q_pre
         do_dv = do_pre
     else:
         q_dv = tl.load(q_base + offs_m[:, None] * stride_qt + offs_dv[None, :] * stride_qd,
                        mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-        do_dv = tl.load(do_base + offs_m[:, None] * stride_ot + offs_dv[None, :] * stride_od,
+        do_dv = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    r_row = tl.load(R + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    # The forward's softplus total per row: sum_{m >= j} sp = total - sum_{m < j} sp, so the
+    # sweep can run left to right and carry the prefix sum of A * dA that dl needs directly
+    # (a right-to-left sweep would need R = do . o and lose it to cancellation in bf16).
+    total = tl.load(TOTAL + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
 
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)  # softplus sum (log2 units) of the keys passed
-    suf = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of A * dA over the keys passed
+    pre_sp = tl.zeros([BLOCK_M], dtype=tl.float32)  # softplus sum (log2 units) left of the block
+    pre_ada = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of A * dA left of the block
     dq = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for it in range(0, (n_start - n_stop) // BLOCK_N + 1):
-        n = n_start - it * BLOCK_N
+    for it in range(0, (n_start - n_lo) // BLOCK_N + 1):
+        n = n_lo + it * BLOCK_N
         offs_n = n + tl.arange(0, BLOCK_N)
         s = _scores(q_pre, q_base, k_base, offs_m, offs_n, T, S, stride_qt, stride_qd, stride_ks, stride_kd,
                     D, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PREC) * qk_scale2
-        da = _scores(do_pre, do_base, v_base, offs_m, offs_n, T, S, stride_ot, stride_od, stride_vs, stride_vd,
-                     D, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PREC)
+        da = _scores(do_pre, do_base, v_base, offs_m, offs_n, T, S, stride_dot, stride_dod, stride_vs, stride_vd,
+                     D, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, DOT_PREC)  # dA_ij = do_i . v_j
         vis = _visible(offs_n, pos_m, row_lo, km_base, stride_ms, S, HAS_KEY_MASK)
         s = tl.where(vis, s, float("-inf"))
         sp = _softplus2(s)
-        a = tl.math.exp2(s - acc[:, None] - tl.cumsum(sp, axis=1, reverse=True))
-        # The forward multiplied V by A rounded to V's dtype; use the same A so that R = do . o
-        # matches sum_j A dA to fp32 rounding (the subtraction below relies on it).
+        # log2 A_ij = s_ij - sum_{m >= j} sp_im = s_ij - (total_i - pre_sp_i - sum_{j' < j in block} sp)
+        a = tl.math.exp2(s - (total - pre_sp)[:, None] + (tl.cumsum(sp, axis=1) - sp))
+        # The forward multiplied V by A rounded to V's dtype: differentiate that A.
         a = a.to(v_base.dtype.element_ty).to(tl.float32)
         ada = a * da
-        suffix = tl.cumsum(ada, axis=1, reverse=True) - ada  # sum over j' > j inside the block
-        prefix = r_row[:, None] - suf[:, None] - suffix  # sum over j' <= j
+        prefix = pre_ada[:, None] + tl.cumsum(ada, axis=1)  # sum_{j' <= j} A_ij' dA_ij'
         sig = tl.math.exp2(s - sp)  # sigmoid(l) = exp(l - softplus(l))
         ds = (ada - sig * prefix) * scale  # d loss / d (q . k)
-        acc += tl.sum(sp, axis=1)
-        suf += tl.sum(ada, axis=1)
+        pre_sp += tl.sum(sp, axis=1)
+        pre_ada += tl.sum(ada, axis=1)
 
         kv_ok = (offs_n[:, None] < S) & dv_ok[None, :]
         k_dv = tl.load(k_base + offs_n[:, None] * stride_ks + offs_dv[None, :] * stride_kd, mask=kv_ok, other=0.0)
@@ -286,8 +291,8 @@ def _sb_bwd_kernel(
             tl.atomic_add(DK + dkv_ptrs, dk_tile, mask=kv_ok, sem="relaxed")
             tl.atomic_add(DV + dkv_ptrs, dv_tile, mask=kv_ok, sem="relaxed")
 
-    dq_base = DQ + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(dq_base + offs_m[:, None] * stride_ot + offs_dv[None, :] * stride_od,
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_dv[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
@@ -306,7 +311,9 @@ class Plan:
         elif d_pad <= 64:
             bm, bn, warps, stages = 64, 64, 4, 2
         elif d_pad <= 128:
-            bm, bn, warps, stages = (64, 64, 8, 2) if backward else (128, 64, 8, 2)
+            # H100 sweep at B=4, H=12, T=4096 (BENCHMARKS.md): 64 x 32 with 4 warps was fastest
+            # for both directions, truncated; 128 x 64 / 8 warps wins the untruncated backward.
+            bm, bn, warps, stages = (64, 32, 4, 2) if backward else (64, 32, 4, 3)
         elif d_pad <= 256:
             bm, bn, warps, stages = 64, 32, 8, 2
         else:
@@ -357,22 +364,25 @@ def _optional(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor,
 
 def sb_forward(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor,
                key_mask_BS: torch.Tensor | None = None, doc_start_BS: torch.Tensor | None = None,
-               truncate: float = DEFAULT_TRUNCATE_NATS, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               truncate: float = DEFAULT_TRUNCATE_NATS,
+               plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns o [B, H, T, D] (q's dtype; memory laid out [B, T, H, D], so the
-    model's [B*T*K, D] view of it is free) and stop [B, H, ceil(T / block_m)] int32, the first key
-    of the leftmost block each query block swept. doc_start_BS: int32 first key of each position's
+    model's [B*T*K, D] view of it is free), stop [B, H, ceil(T / block_m)] int32, the first key
+    of the leftmost block each query block swept, and total [B, H, T] fp32, each row's softplus
+    sum (log2 units) over the keys swept. doc_start_BS: int32 first key of each position's
     document (packed sequences), or None."""
     B, H, T, D, G, S = _check(q_BHTD, k_BGSD, v_BGSD, key_mask_BS, doc_start_BS)
     plan = plan or Plan(D, T, backward=False)
     o = torch.empty(B, T, H, D, dtype=q_BHTD.dtype, device=q_BHTD.device).transpose(1, 2)
     num_mb = triton.cdiv(T, plan.block_m)
     stop = torch.zeros(B, H, num_mb, dtype=torch.int32, device=q_BHTD.device)
+    total = torch.zeros(B, H, T, dtype=torch.float32, device=q_BHTD.device)
     if B * H * T == 0:
-        return o, stop
+        return o, stop, total
     km, smb, sms = _optional(None if key_mask_BS is None else key_mask_BS.to(torch.int8), q_BHTD)
     ds, sdb, sds = _optional(doc_start_BS, q_BHTD)
     _sb_fwd_kernel[(num_mb * plan.num_dv, B * H)](
-        q_BHTD, k_BGSD, v_BGSD, o, km, ds, stop,
+        q_BHTD, k_BGSD, v_BGSD, o, km, ds, stop, total,
         *q_BHTD.stride(), *k_BGSD.stride(), *v_BGSD.stride(), *o.stride(), smb, sms, sdb, sds,
         H, T, S, H // G, LOG2E / math.sqrt(D), truncate * LOG2E if math.isfinite(truncate) else 0.0,
         D=D, HAS_KEY_MASK=key_mask_BS is not None, HAS_DOC=doc_start_BS is not None,
@@ -380,7 +390,7 @@ def sb_forward(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor,
         BLOCK_DK=plan.block_dk, NUM_DK=plan.num_dk, BLOCK_DV=plan.block_dv, NUM_DV=plan.num_dv,
         DOT_PREC=_dot_prec(q_BHTD.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    return o, stop
+    return o, stop, total
 
 
 def _loop_lo(stop: torch.Tensor, T: int, fwd_block_m: int, block_m: int, block_n: int) -> torch.Tensor:
@@ -395,7 +405,8 @@ def _loop_lo(stop: torch.Tensor, T: int, fwd_block_m: int, block_m: int, block_n
 
 def _contribution_rank(loop_lo: torch.Tensor, G: int, T: int, S: int, block_m: int, block_n: int) -> torch.Tensor:
     """For the deterministic backward: rank[b, h, mb, nb] = how many programs before (mb, h) in
-    program order (query block major, query head of the kv group minor) add to key block nb."""
+    program order (query block major, last block first; query head of the kv group minor) add to
+    key block nb."""
     B, H, num_mb = loop_lo.shape
     r = H // G
     num_nb = triton.cdiv(S, block_n)
@@ -403,30 +414,30 @@ def _contribution_rank(loop_lo: torch.Tensor, G: int, T: int, S: int, block_m: i
     diag = (last_row + S - T) // block_n  # the diagonal key block of each query block
     nb = torch.arange(num_nb, device=loop_lo.device)
     touches = (nb >= (loop_lo // block_n)[..., None]) & (nb <= diag[:, None])  # (B, H, num_mb, num_nb)
-    t = touches.to(torch.int32).view(B, G, r, num_mb, num_nb).transpose(2, 3).reshape(B, G, num_mb * r, num_nb)
+    t = touches.to(torch.int32).view(B, G, r, num_mb, num_nb).flip(3).transpose(2, 3)
+    t = t.reshape(B, G, num_mb * r, num_nb)  # program order
     rank = t.cumsum(2) - t  # exclusive count along program order
-    return rank.view(B, G, num_mb, r, num_nb).transpose(2, 3).reshape(B, H, num_mb, num_nb).contiguous()
+    rank = rank.view(B, G, num_mb, r, num_nb).transpose(2, 3).flip(3)
+    return rank.reshape(B, H, num_mb, num_nb).contiguous()
 
 
 def sb_backward(do_BHTD: torch.Tensor, q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor,
-                o_BHTD: torch.Tensor, stop: torch.Tensor, key_mask_BS: torch.Tensor | None = None,
+                stop: torch.Tensor, total: torch.Tensor, key_mask_BS: torch.Tensor | None = None,
                 doc_start_BS: torch.Tensor | None = None, deterministic: bool = True,
                 plan: Plan | None = None, fwd_plan: Plan | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward of `sb_forward` (same inputs, its o and stop). Returns dq [B, H, T, D]
-    and dk, dv [B, G, S, D] in the inputs' dtypes."""
+    """Launch the backward of `sb_forward` (same inputs, its stop and total). Returns
+    dq [B, H, T, D] and dk, dv [B, G, S, D] in the inputs' dtypes."""
     B, H, T, D, G, S = _check(q_BHTD, k_BGSD, v_BGSD, key_mask_BS, doc_start_BS)
+    if do_BHTD.shape != q_BHTD.shape:
+        raise ValueError(f"do {tuple(do_BHTD.shape)} must have q's shape {tuple(q_BHTD.shape)}")
     plan = plan or Plan(D, T, backward=True)
     fwd_plan = fwd_plan or Plan(D, T, backward=False)
-    dq = torch.empty_like(o_BHTD)
+    dq = torch.empty_like(q_BHTD)
     dk = torch.zeros(B, G, S, D, dtype=torch.float32, device=q_BHTD.device)
     dv = torch.zeros_like(dk)
     if B * H * T == 0:
-        return dq, dk.to(k_BGSD.dtype), dv.to(v_BGSD.dtype)
-    if do_BHTD.stride() != o_BHTD.stride():
-        do_BHTD = torch.empty_like(o_BHTD).copy_(do_BHTD)  # the kernel reads do, o and dq with one set of strides
-    # R_i = do_i . o_i in fp32 (FlashAttention's "delta"): the sweep's total of A * dA.
-    r = (do_BHTD.float() * o_BHTD.float()).sum(-1).contiguous()  # (B, H, T)
+        return dq.zero_(), dk.to(k_BGSD.dtype), dv.to(v_BGSD.dtype)
     loop_lo = _loop_lo(stop, T, fwd_plan.block_m, plan.block_m, plan.block_n)
     num_mb, num_nb = triton.cdiv(T, plan.block_m), triton.cdiv(S, plan.block_n)
     if deterministic:
@@ -437,9 +448,9 @@ def sb_backward(do_BHTD: torch.Tensor, q_BHTD: torch.Tensor, k_BGSD: torch.Tenso
     km, smb, sms = _optional(None if key_mask_BS is None else key_mask_BS.to(torch.int8), q_BHTD)
     ds, sdb, sds = _optional(doc_start_BS, q_BHTD)
     _sb_bwd_kernel[(num_mb * (H // G) * plan.num_dv, B * G)](
-        q_BHTD, k_BGSD, v_BGSD, do_BHTD, r, stop, loop_lo, km, ds, dq, dk, dv, rank, count,
-        *q_BHTD.stride(), *k_BGSD.stride(), *v_BGSD.stride(), *o_BHTD.stride(), smb, sms, sdb, sds,
-        H, G, T, S, H // G, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
+        q_BHTD, k_BGSD, v_BGSD, do_BHTD, total, stop, loop_lo, km, ds, dq, dk, dv, rank, count,
+        *q_BHTD.stride(), *k_BGSD.stride(), *v_BGSD.stride(), *do_BHTD.stride(), *dq.stride(),
+        smb, sms, sdb, sds, H, G, T, S, H // G, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
         D=D, HAS_KEY_MASK=key_mask_BS is not None, HAS_DOC=doc_start_BS is not None,
         DETERMINISTIC=deterministic, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_DK=plan.block_dk, NUM_DK=plan.num_dk, BLOCK_DV=plan.block_dv, NUM_DV=plan.num_dv,
@@ -464,7 +475,7 @@ def doc_start_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, S: int) -> torch
 # torch.library ops: opaque to torch.compile (the fakes give it shapes), callable like any aten op.
 @torch.library.custom_op("molm_kernels::sb_fwd", mutates_args=())
 def _sb_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-               doc_start: torch.Tensor | None, truncate: float) -> tuple[torch.Tensor, torch.Tensor]:
+               doc_start: torch.Tensor | None, truncate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return sb_forward(q, k, v, key_mask, doc_start, truncate)
 
 
@@ -472,34 +483,35 @@ def _sb_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
 def _(q, k, v, key_mask, doc_start, truncate):
     B, H, T, D = q.shape
     o = q.new_empty(B, T, H, D).transpose(1, 2)
-    return o, q.new_empty(B, H, triton.cdiv(T, Plan(D, T, backward=False).block_m), dtype=torch.int32)
+    stop = q.new_empty(B, H, triton.cdiv(T, Plan(D, T, backward=False).block_m), dtype=torch.int32)
+    return o, stop, q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("molm_kernels::sb_bwd", mutates_args=())
-def _sb_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-               stop: torch.Tensor, key_mask: torch.Tensor | None, doc_start: torch.Tensor | None,
+def _sb_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stop: torch.Tensor,
+               total: torch.Tensor, key_mask: torch.Tensor | None, doc_start: torch.Tensor | None,
                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sb_backward(do, q, k, v, o, stop, key_mask, doc_start, deterministic)
+    return sb_backward(do, q, k, v, stop, total, key_mask, doc_start, deterministic)
 
 
 @_sb_bwd_op.register_fake
-def _(do, q, k, v, o, stop, key_mask, doc_start, deterministic):
-    return torch.empty_like(o), torch.empty_like(k, memory_format=torch.contiguous_format), \
+def _(do, q, k, v, stop, total, key_mask, doc_start, deterministic):
+    return torch.empty_like(q), torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 class _StickBreaking(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, doc_start, truncate, deterministic):
-        o, stop = _sb_fwd_op(q, k, v, key_mask, doc_start, truncate)
-        ctx.save_for_backward(q, k, v, o, stop, key_mask, doc_start)
+        o, stop, total = _sb_fwd_op(q, k, v, key_mask, doc_start, truncate)
+        ctx.save_for_backward(q, k, v, stop, total, key_mask, doc_start)
         ctx.deterministic = deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, stop, key_mask, doc_start = ctx.saved_tensors
-        dq, dk, dv = _sb_bwd_op(do, q, k, v, o, stop, key_mask, doc_start, ctx.deterministic)
+        q, k, v, stop, total, key_mask, doc_start = ctx.saved_tensors
+        dq, dk, dv = _sb_bwd_op(do, q, k, v, stop, total, key_mask, doc_start, ctx.deterministic)
         return dq, dk, dv, None, None, None, None
 
 
