@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+# Job states after which a job never runs again (a requeued job passes through REQUEUED/PENDING).
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
 
 
@@ -148,6 +151,20 @@ class SlurmCluster:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, StdOut, ...)."""
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+
+    def wait(self, job_id: str, timeout: float) -> dict[str, str]:
+        """Poll until the job has ended for good (a requeued job goes on), return `job_state`.
+
+        Not `sbatch --wait`: that polls with a back-off growing to ~30 s, so a 12 s job returns
+        after 42 s; here the answer comes within a second of the end.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state["JobState"] in FINAL_STATES:
+                return state
+            time.sleep(0.3)
+        raise TimeoutError(f"job {job_id} still {state['JobState']} after {timeout:.0f} s\n{self.daemon_logs()}")
 
     def daemon_logs(self) -> str:
         """The tail of every daemon log, for assertion messages."""
