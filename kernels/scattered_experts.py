@@ -24,19 +24,12 @@ Legend: T tokens, K choices per token, N = T*K assignments, E experts, I input w
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels._triton_common import INTERPRET, dot_precision
 from kernels.scattered_experts_reference import Routing
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    from kernels._interpreter_compat import patch_interpreter_index
-
-    patch_interpreter_index()
 
 
 def _mm_configs() -> list[triton.Config]:
@@ -241,11 +234,6 @@ def gate_grad(z_NO: torch.Tensor, dy_TO: torch.Tensor, gates_TK: torch.Tensor) -
     return dg
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision dots (tf32 would cost 1e-3 relative error); 16-bit ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
                gather_div: int | None, scatter: bool, scale_N: torch.Tensor | None = None,
                transpose_w: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,7 +264,7 @@ def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor
         x.stride(0), x.stride(1), sw[0], stride_wk, stride_wn, y.stride(0), y.stride(1),
         N, I, O, E, gather_div or 1,
         GATHER=gather_div is not None, SCATTER=scatter, HAS_SCALE=scale_N is not None,
-        E_PAD=triton.next_power_of_2(E), DOT_PREC=_dot_prec(x.dtype),
+        E_PAD=triton.next_power_of_2(E), DOT_PREC=dot_precision(x.dtype),
     )
     return y
 
@@ -296,7 +284,7 @@ def expert_xty(x: torch.Tensor, dy: torch.Tensor, sorted_flat_N: torch.Tensor, e
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
         I, O, x_div or 1, dy_div or 1,
         X_GATHER=x_div is not None, DY_GATHER=dy_div is not None, HAS_SCALE=scale_N is not None,
-        DOT_PREC=_dot_prec(x.dtype),
+        DOT_PREC=dot_precision(x.dtype),
     )
     return dw
 

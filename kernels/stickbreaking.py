@@ -38,19 +38,15 @@ T queries (the last T of the S key positions), S keys, D head size.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._triton_common import INTERPRET, dot_precision
+
 LOG2E = 1.4426950408889634
 DEFAULT_TRUNCATE_NATS = 32.0  # exp(-32) = 1.3e-14: dropped weight is far under fp32 rounding
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    from kernels._interpreter_compat import patch_interpreter_index
-
-    patch_interpreter_index()
 
 
 @triton.jit
@@ -330,11 +326,6 @@ class Plan:
                              f"block_dv={self.block_dv}")
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision dots (tf32 would cost 1e-3 relative error); 16-bit ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _check(q_BHTD, k_BGSD, v_BGSD, key_mask_BS, doc_start_BS):
     if q_BHTD.dim() != 4 or k_BGSD.dim() != 4 or v_BGSD.shape != k_BGSD.shape:
         raise ValueError(f"q [B,H,T,D] and k, v [B,G,S,D] expected, got q {tuple(q_BHTD.shape)}, "
@@ -388,7 +379,7 @@ def sb_forward(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor,
         D=D, HAS_KEY_MASK=key_mask_BS is not None, HAS_DOC=doc_start_BS is not None,
         TRUNCATE=math.isfinite(truncate), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_DK=plan.block_dk, NUM_DK=plan.num_dk, BLOCK_DV=plan.block_dv, NUM_DV=plan.num_dv,
-        DOT_PREC=_dot_prec(q_BHTD.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        DOT_PREC=dot_precision(q_BHTD.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return o, stop, total
 
@@ -454,7 +445,7 @@ def sb_backward(do_BHTD: torch.Tensor, q_BHTD: torch.Tensor, k_BGSD: torch.Tenso
         D=D, HAS_KEY_MASK=key_mask_BS is not None, HAS_DOC=doc_start_BS is not None,
         DETERMINISTIC=deterministic, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_DK=plan.block_dk, NUM_DK=plan.num_dk, BLOCK_DV=plan.block_dv, NUM_DV=plan.num_dv,
-        DOT_PREC=_dot_prec(q_BHTD.dtype), FWD_BLOCK_M=fwd_plan.block_m,
+        DOT_PREC=dot_precision(q_BHTD.dtype), FWD_BLOCK_M=fwd_plan.block_m,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return dq, dk.to(k_BGSD.dtype), dv.to(v_BGSD.dtype)
