@@ -20,7 +20,10 @@ def main(argv: list[str]) -> int:
         job = parse_job_config(argv)
     except ValueError as e:
         build_arg_parser().error(str(e))  # prints usage and the message, exits 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    for name in ("molm_megatron", "pretrain"):  # our progress lines; libraries stay at warnings
+        logging.getLogger(name).setLevel(logging.INFO)
     # Imported after parsing so that `--help` and config errors answer without loading DeepSpeed.
     from molm_megatron.training.trainer import Trainer
 

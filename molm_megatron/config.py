@@ -530,6 +530,9 @@ def parse_job_config(argv: list[str]) -> JobConfig:
     if "config" in args:
         tree, lines = _yaml_tree(args["config"])
         for section, fields in tree.items():
+            if section not in SECTION_TYPES:
+                raise ValueError(f"{args['config']}:{lines[section]}: unknown section {section!r}; known: "
+                                 f"{', '.join(SECTION_TYPES)}")
             for name, value in fields.items():
                 line = lines.get(f"{section}.{name}", lines.get(section))
                 _apply(job, section, name, value, f"{args['config']}:{line}: ")

@@ -33,7 +33,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -78,9 +78,12 @@ class CheckpointManager:
     `save` and `load` are collective: every rank calls them with the same step.
     """
 
-    def __init__(self, directory: str, keep_last: int, layout: dict[str, int]):
+    def __init__(self, directory: str, keep_last: int, layout: dict[str, int], rank: int | None = None,
+                 barrier: Callable[[], None] | None = None):
+        """`rank` and `barrier` default to torch.distributed's (given explicitly for one process)."""
         self.directory, self.keep_last, self.layout = directory, keep_last, layout
-        self.rank = dist.get_rank()
+        self.rank = dist.get_rank() if rank is None else rank
+        self.barrier = dist.barrier if barrier is None else barrier
 
     # ---- finding -----------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
@@ -111,10 +114,10 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
             os.makedirs(tmp)
-        dist.barrier()
+        self.barrier()
         for name, obj in files.items():
             torch.save(obj, os.path.join(tmp, name))
-        dist.barrier()  # every rank's files are written before rank 0 commits
+        self.barrier()  # every rank's files are written before rank 0 commits
         if self.rank == 0:
             meta = {"step": step, "layout": self.layout, "config": config}
             _fsync_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
@@ -122,7 +125,7 @@ class CheckpointManager:
             os.rename(tmp, final)
             self._point_latest(step)
             self._prune()
-        dist.barrier()  # nobody looks for checkpoints before the commit
+        self.barrier()  # nobody looks for checkpoints before the commit
         if self.rank == 0:
             logger.info("checkpoint saved at step %d in %s", step, final)
 

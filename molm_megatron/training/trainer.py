@@ -105,6 +105,8 @@ def build_stream_data(job: JobConfig, cfg: ModelConfig, dp_rank: int, dp_size: i
     if sources["valid"] is None:
         raise ValueError(f"train.eval_interval is {t.eval_interval} but data.split ({d.split!r}) leaves the "
                          "validation split without documents")
+    # Fail now, not at the first validation, when the held-out split is too short for the streams.
+    TransformerXLStreamLoader(sources["valid"], t.micro_batch_size, cfg.block_size, dp_rank, dp_size).windows_per_epoch
     return loader, lambda: validation_batches(sources["valid"], t.micro_batch_size, cfg.block_size, dp_rank,
                                               dp_size, t.seed)
 

@@ -25,7 +25,7 @@ from molm_megatron.training.trainer import Trainer
 STEPS = 5
 COMMON = ["--model.preset", "tiny", "--model.vocab_size", "50295", "--model.block_size", "64",
           "--model.history_length", "64", "--train.steps", str(STEPS), "--schedule.warmup_steps", "2",
-          "--metrics.log_interval", "1", "--metrics.tensorboard", "false", "--data.split", "100,0,0",
+          "--metrics.log_interval", "1", "--metrics.tensorboard", "false", "--data.split", "60,40,0",
           "--train.seed", "7"]
 
 

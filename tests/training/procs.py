@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def launch_env(**extra: str) -> dict[str, str]:
     """The environment of a launched rank: repo on the path, one thread per rank (2 CPU cores)."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", **extra}
@@ -20,7 +20,7 @@ def test_env(**extra: str) -> dict[str, str]:
 def start(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
     """Start `cmd` in a new session writing stdout+stderr to `log`."""
     out = open(log, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=test_env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 

@@ -1,0 +1,137 @@
+"""Training benchmark: throughput, MFU and peak memory of the real loop, then where a step's time goes.
+
+    python -m molm_megatron.training.benchmark --out DIR [--profile-steps N] -- [pretrain.py flags ...]
+
+First the ordinary `Trainer.train()` runs (its metrics.jsonl has tokens/s, MFU and memory per log
+step). Then N more steps run under torch.profiler, and every kernel's device time is charged to a
+category by the operation that launched it:
+
+- attention: the stick-breaking kernels (custom ops molm_kernels::sb_fwd / sb_bwd);
+- experts: the scattered expert matmuls of MoA and SMoE (molm_kernels::scatter_mm / expert_xty);
+- routing: everything launched inside Router.forward and kernels.route, and the backward of those
+  forward operations (linked by autograd sequence number);
+- optimizer: everything inside the DeepSpeed step at the accumulation boundary (ZeRO gradient
+  copy, norm, clipping, AdamW, bf16 copy-back);
+- other: the rest (embedding, head and cross entropy, norms, residuals, memory concatenation).
+
+Shares are of the summed kernel time; the step's wall time is reported beside it (their gap is time
+the GPU waits for the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import kernels
+from molm_megatron.config import parse_job_config
+from molm_megatron.model.model import Router
+
+CATEGORIES = ("attention", "experts", "routing", "optimizer", "other")
+_OP_CATEGORY = {"molm_kernels::sb_fwd": "attention", "molm_kernels::sb_bwd": "attention",
+                "molm_kernels::scatter_mm": "experts", "molm_kernels::expert_xty": "experts"}
+
+
+@contextlib.contextmanager
+def _labelled(engine):
+    """Wrap routing and the optimizer step in profiler ranges, undone on exit."""
+    router_forward, route, engine_step = Router.forward, kernels.route, engine.step
+
+    def labelled(name, fn):
+        def wrapper(*args, **kwargs):
+            with record_function(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    Router.forward = labelled("routing", router_forward)
+    kernels.route = labelled("routing", route)
+    engine.step = labelled("optimizer", engine_step)
+    try:
+        yield
+    finally:
+        Router.forward, kernels.route = router_forward, route
+        del engine.step  # back to the bound method of the class
+
+
+def _category(event, routing_seq: set[int]) -> str:
+    node = event
+    while node is not None:
+        if node.name in _OP_CATEGORY:
+            return _OP_CATEGORY[node.name]
+        if node.name in ("routing", "optimizer"):
+            return node.name
+        if node.name.startswith("autograd::engine::evaluate_function") and node.sequence_nr in routing_seq:
+            return "routing"
+        node = node.cpu_parent
+    return "other"
+
+
+def time_breakdown(events, device_time: bool) -> dict[str, float]:
+    """Milliseconds of kernel (device) time per category; on CPU, self CPU time instead."""
+    routing_seq = set()
+    for e in events:
+        node = e.cpu_parent
+        while node is not None and e.sequence_nr >= 0:
+            if node.name == "routing":
+                routing_seq.add(e.sequence_nr)
+                break
+            node = node.cpu_parent
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for e in events:
+        t = e.self_device_time_total if device_time else e.self_cpu_time_total
+        if t:
+            out[_category(e, routing_seq)] += t / 1e3
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m molm_megatron.training.benchmark", description=__doc__.split("\n\n")[0],
+        usage="%(prog)s --out DIR [--profile-steps N] -- [pretrain.py flags ...]")
+    parser.add_argument("--out", required=True, help="folder for breakdown.json and the profiler's kernel table")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps run under the profiler after training")
+    args, rest = parser.parse_known_args(argv)
+    job = parse_job_config([a for a in rest if a != "--"])
+    from molm_megatron.training.trainer import Trainer
+
+    os.makedirs(args.out, exist_ok=True)
+    trainer = Trainer(job)
+    start = time.perf_counter()
+    code = trainer.train()
+    train_s = time.perf_counter() - start
+    device = trainer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _labelled(trainer.engine), profile(activities=activities) as prof:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.profile_steps):
+            trainer.train_step(collect=False)
+        sync()
+        step_ms = (time.perf_counter() - t0) * 1e3 / args.profile_steps
+    per_step = {k: v / args.profile_steps for k, v in time_breakdown(prof.events(), device.type == "cuda").items()}
+    total = sum(per_step.values())
+    result = {"exit_code": code, "train_seconds": train_s, "step_wall_ms": step_ms, "kernel_ms_per_step": per_step,
+              "share": {k: v / total for k, v in per_step.items()}, "job": job.to_dict()}
+    with open(os.path.join(args.out, "breakdown.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(os.path.join(args.out, "kernels.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort_key, row_limit=40))
+    print(f"step wall {step_ms:.1f} ms, summed kernel time {total:.1f} ms")
+    for k in CATEGORIES:
+        print(f"  {k:10s} {per_step[k]:8.2f} ms  {result['share'][k]:6.1%}")
+    trainer.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
