@@ -17,9 +17,13 @@
 #   PYTHON          interpreter that has the project installed [python]
 set -euo pipefail
 
-if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+if [[ $# -lt 1 ]]; then
+  echo "usage: node_launch.sh SCRIPT.py [script arguments ...] (--help explains)" >&2
+  exit 2
+fi
+if [[ $1 == -h || $1 == --help ]]; then
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-  exit $(( $# < 1 ))
+  exit 0
 fi
 
 NNODES=${NNODES:-1}

@@ -44,9 +44,15 @@
 #                     cluster").
 set -uo pipefail  # no -e: srun's exit status is examined below
 
-if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-  exit $(( $# < 1 ))
+for arg in "$@"; do
+  if [[ $arg == -h || $arg == --help ]]; then
+    sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+  fi
+done
+if [[ $# -lt 1 ]]; then
+  echo "usage: slurm_launch.sh PRESET [pretrain.py overrides ...] (--help explains)" >&2
+  exit 2
 fi
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
   echo "slurm_launch.sh runs inside a SLURM job: sbatch launch/pretrain_8b_k2.slurm (or bash launch/local.sh on one machine)" >&2

@@ -21,7 +21,7 @@ import pytest
 from tests.launch.slurm_cluster import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 40
+STEPS = 30
 # The tiny preset on the CodeGen vocabulary, 2 ranks x 2 sequences of 32 tokens; the recipe's
 # other fields (optimizer, schedule shape, ZeRO stage) come from launch/configs/pretrain.yaml.
 TINY = ["--model.preset", "tiny", "--model.vocab_size", "50295", "--train.steps", str(STEPS),
