@@ -1,19 +1,30 @@
 """Triton kernels with their PyTorch references, and the one dispatch point the model uses.
 
-`stickbreaking_attention` and `parallel_linear` run the Triton kernels on CUDA tensors
-(`kernels/stickbreaking.py`, `kernels/scattered_experts.py`) and the PyTorch references
-elsewhere (CPU, and the oracle in tests).
+`stickbreaking_attention`, `parallel_linear` and `scattered_mlp` run the Triton kernels on CUDA
+tensors (`kernels/stickbreaking.py`, `kernels/scattered_experts.py`) and the PyTorch references
+elsewhere (CPU, and the oracle in tests). `linear_padded_out` is the output layer's cuBLAS
+alignment fix. Nothing on the CUDA path reads a value back to the host, so a layer or the whole
+model can be captured in a CUDA graph (kernels/bench.py does).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.scattered_experts_reference import Routing, parallel_linear_reference, route
+import torch.nn.functional as F
+
+from kernels.scattered_experts_reference import (
+    ACTIVATIONS,
+    Routing,
+    parallel_linear_reference,
+    route,
+    scattered_mlp_reference,
+)
 from kernels.stickbreaking_reference import stickbreaking_attention_reference
 
-__all__ = ["Routing", "route", "parallel_linear", "stickbreaking_attention",
-           "parallel_linear_reference", "stickbreaking_attention_reference"]
+__all__ = ["ACTIVATIONS", "Routing", "route", "parallel_linear", "scattered_mlp", "stickbreaking_attention",
+           "linear_padded_out", "parallel_linear_reference", "scattered_mlp_reference",
+           "stickbreaking_attention_reference"]
 
 
 def stickbreaking_attention(
@@ -54,3 +65,38 @@ def parallel_linear(
 
         return parallel_linear_triton(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK)
     return parallel_linear_reference(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK)
+
+
+def scattered_mlp(
+    x_TI: torch.Tensor,
+    w1_EIF: torch.Tensor,
+    w2_EFO: torch.Tensor,
+    k: int,
+    routing: Routing,
+    gates_TK: torch.Tensor,
+    activation: str = "gelu_new",
+) -> torch.Tensor:
+    """SMoE experts y_t = sum_j g_tj W2[e_tj] act(W1[e_tj] x_t); see
+    kernels.scattered_experts_reference.scattered_mlp_reference. CUDA tensors run the Triton
+    kernels (gelu_new fused into the matmuls)."""
+    if x_TI.is_cuda:
+        from kernels.scattered_experts import scattered_mlp_triton
+
+        return scattered_mlp_triton(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation)
+    return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation)
+
+
+def linear_padded_out(x: torch.Tensor, weight_VD: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """x @ weight^T computed into an output padded to a multiple of `multiple` columns, returned
+    as a view of the first V columns (row stride V rounded up).
+
+    Same values as F.linear(x, weight). Why: with V = 50295 a bf16 output row is not 16-byte
+    aligned, and cuBLAS then falls back to an old (sm75) kernel for the whole matmul (28% of
+    MoLM's forward on H100, BENCHMARKS.md). The zero rows appended to the weight cost one copy of
+    it; their output columns are never read. The backward runs on padded shapes as well.
+    """
+    V = weight_VD.shape[0]
+    pad = -V % multiple
+    if pad == 0:
+        return F.linear(x, weight_VD)
+    return F.linear(x, F.pad(weight_VD, (0, 0, 0, pad)))[..., :V]

@@ -1,6 +1,7 @@
 """What both Triton kernel modules share: interpreter detection, its work-around, dot precision.
 
-Work-around for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1) under NumPy >= 2.4: the interpreter holds every scalar as a one-element array and turns it into a Python int with
+Work-around for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1) under NumPy >= 2.4: the
+interpreter holds every scalar as a one-element array and turns it into a Python int with
 `int(array)`, which NumPy 2.4 refuses for arrays of one dimension: any loop bound computed at
 run time (`range(0, tl.cdiv(I, BLOCK_K))`) then raises TypeError. Newer Triton (>= 3.8) converts
 with `.item()`; this installs the same conversion. It only runs under the interpreter, so the GPU

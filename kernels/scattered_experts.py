@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import INTERPRET, dot_precision
-from kernels.scattered_experts_reference import Routing
+from kernels.scattered_experts_reference import Routing, scattered_mlp_reference
 
 
 def _mm_configs() -> list[triton.Config]:
@@ -83,14 +83,36 @@ def _find_block(OFFSETS, mblk, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     return tl.where(valid, e, -1), start, end
 
 
-@triton.autotune(configs=_mm_configs(), key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE"],
+@triton.jit
+def _gelu_new(x):
+    """GPT-2's gelu_new, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written as
+    x * sigmoid(2u) (the same function: (1 + tanh u) / 2 = sigmoid(2u)); fp32 in and out."""
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def _gelu_new_grad(x):
+    """d gelu_new / dx = s + x s (1 - s) 2 u'(x), s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    return s + x * s * (1.0 - s) * (1.5957691216057308 * (1.0 + 0.134145 * x * x))
+
+
+# Epilogues of `_scatter_mm_kernel` (constexpr EPILOGUE).
+EPI_PLAIN = 0  # Y = scale * acc
+EPI_GELU = 1  # Y = gelu_new(acc); with SAVE_AUX also AUX = acc (pre-activation), AUX2 = scale * Y
+EPI_GELU_GRAD = 2  # Y = scale * acc * gelu_new'(AUX[out_row]): the activation's backward
+
+
+@triton.autotune(configs=_mm_configs(),
+                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "EPILOGUE", "SAVE_AUX"],
                  prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
 def _scatter_mm_kernel(
-    X, W, Y, SCALE, SORTED_FLAT, OFFSETS,
+    X, W, Y, SCALE, SORTED_FLAT, OFFSETS, AUX, AUX2,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
     N, I, O, E, in_div,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr, E_PAD: tl.constexpr,
+    EPILOGUE: tl.constexpr, SAVE_AUX: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -120,14 +142,31 @@ def _scatter_mm_kernel(
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_SCALE:
-        acc *= tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if SCATTER:
         out_row = flat
     else:
         out_row = offs_m.to(tl.int64)
-    tl.store(Y + out_row[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_n[None, :] < O))
+    # AUX and AUX2 share Y's shape and strides.
+    out_off = out_row[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    out_ok = row_ok[:, None] & (offs_n[None, :] < O)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if EPILOGUE == 1:
+        # The activation on the fp32 accumulator (one rounding, no extra pass over memory).
+        y = _gelu_new(acc)
+        if SAVE_AUX:
+            tl.store(AUX + out_off, acc.to(AUX.dtype.element_ty), mask=out_ok)
+            # scale * act: what the next matmul's weight gradient needs (sum_n (g_n h_n)^T dy_t),
+            # so that kernel reads plain rows instead of scaling inside its main loop.
+            tl.store(AUX2 + out_off, (y * scale).to(AUX2.dtype.element_ty), mask=out_ok)
+    else:
+        y = acc
+        if HAS_SCALE:
+            y = y * scale
+        if EPILOGUE == 2:
+            pre = tl.load(AUX + out_off, mask=out_ok, other=0.0).to(tl.float32)
+            y = y * _gelu_new_grad(pre)
+    tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -236,10 +275,45 @@ def gate_grad(z_NO: torch.Tensor, dy_TO: torch.Tensor, gates_TK: torch.Tensor) -
 
 def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
                gather_div: int | None, scatter: bool, scale_N: torch.Tensor | None = None,
-               transpose_w: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+               transpose_w: bool = False) -> torch.Tensor:
     """Y[out_row(n)] = scale_n * X[in_row(n)] @ W[e_n] (W[e_n]^T with transpose_w) for the N
     sorted assignments. in_row = flat_n // gather_div, or n when gather_div is None; out_row =
-    flat_n when scatter, else n. Returns Y [N, O] (or fills `out`)."""
+    flat_n when scatter, else n. Returns Y [N, O]."""
+    y = _check_mm(x, w_EIO, sorted_flat_N, expert_offsets_E, gather_div, transpose_w)
+    _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter, scale_N, transpose_w, EPI_PLAIN)
+    return y
+
+
+def scatter_mm_gelu(x: torch.Tensor, w_EIF: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
+                    gather_div: int | None, scale_N: torch.Tensor, save: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first expert matmul with gelu_new in its epilogue, output grouped (sorted order):
+    h [N, F] = gelu_new(X[in_row(n)] @ W[e_n]); with `save` also z = the pre-activation and
+    gh = scale_n * h (for the backward), else two empty [0, F] tensors."""
+    h = _check_mm(x, w_EIF, sorted_flat_N, expert_offsets_E, gather_div, False)
+    rows = h.shape[0] if save else 0
+    z, gh = h.new_empty(rows, h.shape[1]), h.new_empty(rows, h.shape[1])
+    _launch_mm(x, w_EIF, h, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, False, EPI_GELU,
+               aux=(z, gh) if save else None)
+    return h, z, gh
+
+
+def scatter_mm_gelu_grad(dy: torch.Tensor, w_EFO: torch.Tensor, sorted_flat_N: torch.Tensor,
+                         expert_offsets_E: torch.Tensor, gather_div: int | None, scale_N: torch.Tensor,
+                         z_NF: torch.Tensor) -> torch.Tensor:
+    """dz [N, F] (grouped) = gelu_new'(z_n) * scale_n * (DY[in_row(n)] @ W[e_n]^T): the second
+    expert matmul's input gradient with the first one's activation backward in its epilogue."""
+    dz = _check_mm(dy, w_EFO, sorted_flat_N, expert_offsets_E, gather_div, True)
+    if z_NF.shape != dz.shape or not z_NF.is_contiguous():
+        raise ValueError(f"pre-activations must be contiguous {tuple(dz.shape)}, got {tuple(z_NF.shape)}")
+    _launch_mm(dy, w_EFO, dz, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, True, EPI_GELU_GRAD,
+               aux=(z_NF, z_NF))
+    return dz
+
+
+def _check_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
+              gather_div: int | None, transpose_w: bool) -> torch.Tensor:
+    """Validate a scattered matmul's inputs; returns a new contiguous output [N, O]."""
     N = sorted_flat_N.numel()
     E = w_EIO.shape[0]
     I, O = (w_EIO.shape[2], w_EIO.shape[1]) if transpose_w else (w_EIO.shape[1], w_EIO.shape[2])
@@ -252,21 +326,28 @@ def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor
         raise ValueError(f"grouped input must have one row per assignment ({N}), got {x.shape[0]}")
     if x.dtype != w_EIO.dtype:
         raise ValueError(f"x ({x.dtype}) and weights ({w_EIO.dtype}) must share a dtype")
-    y = out if out is not None else x.new_empty(N, O)
+    return x.new_empty(N, O)
+
+
+def _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter, scale_N, transpose_w, epilogue,
+               aux=None) -> None:
+    N, E = sorted_flat_N.numel(), w_EIO.shape[0]
     if N == 0:
-        return y
+        return
+    I, O = x.shape[1], y.shape[1]
     sw = w_EIO.stride()
     stride_wk, stride_wn = (sw[2], sw[1]) if transpose_w else (sw[1], sw[2])
     scale = scale_N if scale_N is not None else x
+    aux1, aux2 = aux if aux is not None else (y, y)  # dummies the kernel never touches
     grid = lambda meta: ((triton.cdiv(N, meta["BLOCK_M"]) + E) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
     _scatter_mm_kernel[grid](
-        x, w_EIO, y, scale, sorted_flat_N, expert_offsets_E,
+        x, w_EIO, y, scale, sorted_flat_N, expert_offsets_E, aux1, aux2,
         x.stride(0), x.stride(1), sw[0], stride_wk, stride_wn, y.stride(0), y.stride(1),
         N, I, O, E, gather_div or 1,
         GATHER=gather_div is not None, SCATTER=scatter, HAS_SCALE=scale_N is not None,
-        E_PAD=triton.next_power_of_2(E), DOT_PREC=dot_precision(x.dtype),
+        E_PAD=triton.next_power_of_2(E), EPILOGUE=epilogue, SAVE_AUX=epilogue == EPI_GELU and aux is not None,
+        DOT_PREC=dot_precision(x.dtype),
     )
-    return y
 
 
 def expert_xty(x: torch.Tensor, dy: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
@@ -310,6 +391,31 @@ def _expert_xty_op(x: torch.Tensor, dy: torch.Tensor, sorted_flat: torch.Tensor,
 @_expert_xty_op.register_fake
 def _(x, dy, sorted_flat, offsets, x_div, dy_div, scale):
     return x.new_empty(offsets.numel(), x.shape[1], dy.shape[1])
+
+
+@torch.library.custom_op("molm_kernels::scatter_mm_gelu", mutates_args=())
+def _scatter_mm_gelu_op(x: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                        gather_div: int, scale: torch.Tensor, save: bool,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return scatter_mm_gelu(x, w, sorted_flat, offsets, gather_div or None, scale, save)
+
+
+@_scatter_mm_gelu_op.register_fake
+def _(x, w, sorted_flat, offsets, gather_div, scale, save):
+    h = x.new_empty(sorted_flat.numel(), w.shape[2])
+    saved = sorted_flat.numel() if save else 0
+    return h, x.new_empty(saved, w.shape[2]), x.new_empty(saved, w.shape[2])
+
+
+@torch.library.custom_op("molm_kernels::scatter_mm_gelu_grad", mutates_args=())
+def _scatter_mm_gelu_grad_op(dy: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                             gather_div: int, scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return scatter_mm_gelu_grad(dy, w, sorted_flat, offsets, gather_div or None, scale, z)
+
+
+@_scatter_mm_gelu_grad_op.register_fake
+def _(dy, w, sorted_flat, offsets, gather_div, scale, z):
+    return torch.empty_like(z)
 
 
 class _ParallelLinear(torch.autograd.Function):
@@ -366,3 +472,66 @@ def parallel_linear_triton(
         raise ValueError("gates need flat-order output (grouped_out=False)")
     _, sorted_flat, offsets = routing
     return _ParallelLinear.apply(x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK)
+
+
+class _ScatteredGeluMLP(torch.autograd.Function):
+    """y_t = sum_j g_tj W2[e_tj] gelu_new(W1[e_tj] x_t) in four launches (matmul + gelu epilogue,
+    matmul with scatter, gated sum), and its backward in five (gate dot products, one matmul
+    whose epilogue applies the gate and gelu's derivative, two weight gradients, one input
+    gradient). Saves x, z = W1 x (pre-activation), g*h and the per-choice outputs: the same
+    memory as the unfused composition (which saves z for gelu, h for the second matmul)."""
+
+    @staticmethod
+    def forward(ctx, x, w1_EIF, w2_EFO, k, sorted_flat, offsets, gates_TK, save):
+        # gather_div 0 means "grouped" (no gather) in the ops' integer arguments. save: whether a
+        # backward can follow (else z and g*h are neither written nor kept).
+        g_sorted = gates_TK.reshape(-1)[sorted_flat].to(x.dtype)  # gate of each sorted assignment
+        h, z, gh = _scatter_mm_gelu_op(x, w1_EIF, sorted_flat, offsets, k, g_sorted, save)  # (N, F) sorted
+        out_N = _scatter_mm_op(h, w2_EFO, sorted_flat, offsets, 0, True, None, False)  # (N, O) flat order
+        y = gate_sum(out_N, gates_TK.to(out_N.dtype))  # (T, O)
+        ctx.k, ctx.x_rows = k, x.shape[0]
+        ctx.save_for_backward(x, w1_EIF, w2_EFO, sorted_flat, offsets, gates_TK, g_sorted, z, gh, out_N)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1_EIF, w2_EFO, sorted_flat, offsets, gates_TK, g_sorted, z, gh, out_N = ctx.saved_tensors
+        K = gates_TK.shape[1]
+        dy = dy.contiguous().to(out_N.dtype)
+        dgates = gate_grad(out_N, dy, gates_TK) if ctx.needs_input_grad[6] else None
+        # dz_n = gelu'(z_n) * g_n * dy[token(n)] W2[e_n]^T, in sorted order: never stores dh.
+        dz = _scatter_mm_gelu_grad_op(dy, w2_EFO, sorted_flat, offsets, K, g_sorted, z)
+        dx = dw1 = dw2 = None
+        if ctx.needs_input_grad[2]:
+            dw2 = _expert_xty_op(gh, dy, sorted_flat, offsets, 0, K, None)  # sum_n (g_n h_n)^T dy_t
+        if ctx.needs_input_grad[1]:
+            dw1 = _expert_xty_op(x, dz, sorted_flat, offsets, ctx.k, 0, None)
+        if ctx.needs_input_grad[0]:
+            dx = _scatter_mm_op(dz, w1_EIF, sorted_flat, offsets, 0, True, None, True)  # (N, I) flat order
+            if ctx.k > 1:
+                dx = dx.view(ctx.x_rows, ctx.k, -1).sum(1)  # a token's k choices read one row
+        return dx, dw1, dw2, None, None, None, dgates, None
+
+
+def scattered_mlp_triton(
+    x_TI: torch.Tensor,
+    w1_EIF: torch.Tensor,
+    w2_EFO: torch.Tensor,
+    k: int,
+    routing: Routing,
+    gates_TK: torch.Tensor,
+    activation: str = "gelu_new",
+) -> torch.Tensor:
+    """SMoE experts with the Triton kernels; semantics of
+    `kernels.scattered_experts_reference.scattered_mlp_reference`. gelu_new is fused into the
+    matmuls' epilogues; other activations run the unfused composition."""
+    if activation != "gelu_new":
+        return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation,
+                                       linear=parallel_linear_triton)
+    if gates_TK.shape[0] * gates_TK.shape[1] != routing.sorted_flat_idx_N.numel():
+        raise ValueError(f"gates {tuple(gates_TK.shape)} must hold one gate per assignment "
+                         f"({routing.sorted_flat_idx_N.numel()})")
+    _, sorted_flat, offsets = routing
+    # Decided out here: inside Function.forward grad mode is always off.
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TI, w1_EIF, w2_EFO, gates_TK))
+    return _ScatteredGeluMLP.apply(x_TI, w1_EIF, w2_EFO, k, sorted_flat, offsets, gates_TK, save)

@@ -5,14 +5,24 @@ The routing index follows scattermoe (Tan et al., "Scattered Mixture-of-Experts 
 flat indices by expert gives every expert a contiguous run, so a grouped matmul needs no padding
 and drops no token.
 
-Legend: T tokens, K experts per token, N = T*K assignments, E experts, I input width, O output width.
+Legend: T tokens, K experts per token, N = T*K assignments, E experts, I input width, O output width,
+F expert hidden width.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+# Expert activations by config name (`model.activation_function`); the Triton path fuses gelu_new.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 class Routing(NamedTuple):
@@ -27,8 +37,12 @@ def route(expert_idx_TK: torch.Tensor, num_experts: int) -> Routing:
     """Sort the T*K assignments by expert (stable, so ties keep token order)."""
     flat = expert_idx_TK.reshape(-1)
     sorted_expert, sorted_flat = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return Routing(sorted_expert, sorted_flat, counts.cumsum(0))
+    # The end of expert e's run is the number of sorted entries <= e. searchsorted rather than
+    # bincount + cumsum: CUDA bincount reads the maximum back to the host (a sync that forbids
+    # CUDA-graph capture and stalls the launch queue once per router).
+    experts_E = torch.arange(num_experts, device=flat.device, dtype=sorted_expert.dtype)
+    offsets = torch.searchsorted(sorted_expert, experts_E, right=True)
+    return Routing(sorted_expert, sorted_flat, offsets)
 
 
 def parallel_linear_reference(
@@ -65,3 +79,22 @@ def parallel_linear_reference(
         return y
     T, K = gates_TK.shape
     return torch.bmm(gates_TK.unsqueeze(1).to(y.dtype), y.view(T, K, -1)).squeeze(1)  # (T, O)
+
+
+def scattered_mlp_reference(
+    x_TI: torch.Tensor,
+    w1_EIF: torch.Tensor,
+    w2_EFO: torch.Tensor,
+    k: int,
+    routing: Routing,
+    gates_TK: torch.Tensor,
+    activation: str = "gelu_new",
+    linear: Callable[..., torch.Tensor] = parallel_linear_reference,
+) -> torch.Tensor:
+    """SMoE experts: y_t = sum_j g_tj W2[e_tj] act(W1[e_tj] x_t), [T, O] (F: expert hidden width).
+
+    x_TI is read as x[flat // k]; k = 1 with T*K rows is the expert-parallel form (one assignment
+    per received row). `linear` is the scattered matmul the composition uses (this reference, or
+    the unfused Triton one: the Triton path's fallback for activations it does not fuse)."""
+    h_NF = ACTIVATIONS[activation](linear(x_TI, w1_EIF, k, routing, grouped_out=True))
+    return linear(h_NF, w2_EFO, 1, routing, grouped_in=True, gates_TK=gates_TK)

@@ -37,14 +37,6 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
 class ParallelExperts(nn.Module):
     """E independent linear maps in one tensor, weight [E, in, out] as published (y = x @ W[e])."""
 
@@ -157,9 +149,12 @@ class MoE(nn.Module):
                                        grouped_in=grouped_in, gates_TK=gates_TK)
 
     def expert_mlp(self, x_TD: torch.Tensor, routed: Routed) -> torch.Tensor:
-        """The experts' computation, as if every expert were local (expert parallelism wraps it)."""
-        h_N = ACTIVATIONS[self.activation](self.map(x_TD, routed, grouped_out=True))
-        return self.reduce(h_N, routed, grouped_in=True)
+        """The experts' computation, as if every expert were local (expert parallelism wraps it):
+        reduce(act(map(x))), with the activation fused into the matmuls on GPU."""
+        k = routed.router.experts_TK.shape[1]  # from the routing, as in `map`
+        gates_TK = routed.router.gates_TK.to(x_TD.dtype)
+        return kernels.scattered_mlp(x_TD, self.experts.weight, self.output_experts.weight, k, routed.index,
+                                     gates_TK, self.activation)
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, Routed]:
         routed = self.route(x_TD, valid_T)
@@ -303,6 +298,22 @@ def init_weights(module: nn.Module, std: float) -> None:
         module.reset_parameters()
 
 
+class LMHead(nn.Linear):
+    """The output layer: nn.Linear without bias (weight [V, D], key `lm_head.weight`). On GPU, for
+    more than a few rows, the logits are computed into a vocabulary padded to a multiple of 64
+    and returned as a view of the first V columns (same values): V = 50295 otherwise sends cuBLAS
+    to a slow kernel (see kernels.linear_padded_out). Decoding a few rows skips the padding, whose
+    weight copy would cost more than the matmul it speeds up."""
+
+    def __init__(self, n_embd: int, vocab_size: int):
+        super().__init__(n_embd, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.is_cuda and h.numel() >= 64 * h.shape[-1]:
+            return kernels.linear_padded_out(h, self.weight)
+        return super().forward(h)
+
+
 class MoLM(nn.Module):
     """The ModuleFormer language model: what users ask of a model lives here (forward with losses,
     parameter counts, FLOPs per token, init, generate)."""
@@ -312,7 +323,7 @@ class MoLM(nn.Module):
         cfg.validate()
         self.config = cfg
         self.transformer = MoLMTransformer(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as published
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)  # untied, as published
         self.apply(lambda module: init_weights(module, cfg.initializer_range))
 
     def num_params(self, active: bool = False, embedding: bool = True) -> int:

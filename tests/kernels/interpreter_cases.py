@@ -20,8 +20,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from kernels.scattered_experts import parallel_linear_triton  # noqa: E402
-from kernels.scattered_experts_reference import parallel_linear_reference, route  # noqa: E402
+from kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton  # noqa: E402
+from kernels.scattered_experts_reference import parallel_linear_reference, route, scattered_mlp_reference  # noqa: E402
 from kernels.stickbreaking import Plan, sb_backward, sb_forward, stickbreaking_attention_triton  # noqa: E402
 from kernels.stickbreaking_reference import stickbreaking_attention_reference  # noqa: E402
 
@@ -132,6 +132,28 @@ def experts_case(T, K, E, I, O, grouped_in=False, grouped_out=False, gated=False
     return [rel(a, b) for a, b in zip((y, *grads), (y_ref, *grads_ref))]
 
 
+def mlp_case(T, K, E, I, F, O, activation="gelu_new", k_in=None, grad=True):
+    """The fused expert MLP (gelu_new in the matmul epilogues) against the float64 composition of
+    reference matmuls: y and the gradients of x, both weights and the gates. k_in = 1 with T*K
+    rows of x is the expert-parallel form; grad=False runs the inference path (nothing saved)."""
+    k_in = K if k_in is None else k_in
+    routing = route(torch.randint(0, E - 1, (T, K)), E)  # expert E-1 gets no token: an empty run
+    x = torch.randn(T * K if k_in == 1 else T, I)
+    # Pre-activations of order 1-3 so gelu's curved part (and its derivative) is exercised.
+    w1 = torch.randn(E, I, F) * 2 / math.sqrt(I)
+    w2 = torch.randn(E, F, O) / math.sqrt(F)
+    gates = torch.rand(T, K)
+    inputs = [t.requires_grad_(grad) for t in (x, w1, w2, gates)]
+    with poisoned_allocations():
+        y = scattered_mlp_triton(*inputs[:3], k_in, routing, inputs[3], activation)
+        dy = torch.randn(y.shape)
+        grads = torch.autograd.grad(y, inputs, dy) if grad else ()
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref = scattered_mlp_reference(*ref_in[:3], k_in, routing, ref_in[3], activation)
+    grads_ref = torch.autograd.grad(y_ref, ref_in, dy.double()) if grad else ()
+    return [rel(a, b) for a, b in zip((y, *grads), (y_ref, *grads_ref))]
+
+
 CASES = {
     "sb_causal": lambda: sb_case(1, 2, 1, 40, 40, 16),
     "sb_memory_gqa_keymask": lambda: sb_case(2, 4, 2, 37, 70, 32, mask=True),
@@ -145,6 +167,10 @@ CASES = {
     "experts_grouped_in_gated": lambda: experts_case(37, 3, 5, 24, 40, grouped_in=True, gated=True, k_in=1),
     "experts_flat_in_gated": lambda: experts_case(30, 2, 4, 24, 40, gated=True, k_in=1),
     "experts_k1": lambda: experts_case(20, 1, 3, 24, 40),
+    "mlp_gelu_fused_k2": lambda: mlp_case(37, 2, 4, 24, 40, 20),
+    "mlp_gelu_fused_k3_expert_parallel_form": lambda: mlp_case(21, 3, 5, 20, 36, 24, k_in=1),
+    "mlp_gelu_fused_inference": lambda: mlp_case(30, 2, 4, 24, 40, 20, grad=False),
+    "mlp_relu_unfused_fallback": lambda: mlp_case(25, 2, 3, 24, 40, 20, activation="relu"),
 }
 
 

@@ -36,7 +36,8 @@ def interpreter_results() -> dict:
 SB_CASES = ["sb_causal", "sb_memory_gqa_keymask", "sb_decode_one_token", "sb_cu_seqlens",
             "sb_untruncated_atomic", "sb_head_slices"]
 EXPERT_CASES = ["experts_gather_scatter_k2", "experts_grouped_out_k3", "experts_grouped_in_gated",
-                "experts_flat_in_gated", "experts_k1"]
+                "experts_flat_in_gated", "experts_k1", "mlp_gelu_fused_k2", "mlp_gelu_fused_k3_expert_parallel_form",
+                "mlp_gelu_fused_inference", "mlp_relu_unfused_fallback"]
 
 
 @pytest.mark.parametrize("case", SB_CASES + EXPERT_CASES)
@@ -96,3 +97,38 @@ def test_dispatch_uses_references_on_cpu():
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 1, 9, 8), torch.randn(1, 1, 9, 8)
     assert torch.equal(kernels.stickbreaking_attention(q, k, v), stickbreaking_attention_reference(q, k, v))
     assert math.isfinite(kernels.stickbreaking_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 9])).sum().item())
+
+
+def test_route_offsets_equal_a_naive_count():
+    """route's searchsorted offsets (no host sync on GPU) equal per-expert counts, cumulated by a loop."""
+    torch.manual_seed(0)
+    E = 7
+    idx = torch.randint(0, E - 2, (50, 3))  # the last two experts get no token: empty runs at the end
+    idx[idx == 2] = 3  # and an empty run in the middle
+    r = route(idx, E)
+    flat = idx.reshape(-1).tolist()
+    ends, total = [], 0
+    for e in range(E):
+        total += sum(1 for v in flat if v == e)
+        ends.append(total)
+    assert r.expert_offsets_E.tolist() == ends
+    assert [flat[i] for i in r.sorted_flat_idx_N.tolist()] == sorted(flat)
+
+
+def test_linear_padded_out_equals_linear_with_gradients():
+    """The padded-vocabulary output layer gives F.linear's logits and gradients (float64), and its
+    strided view works with cross entropy as the model uses it."""
+    from kernels import linear_padded_out
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(77, 16, dtype=torch.float64, requires_grad=True)  # 77: not a multiple of 64
+    labels = torch.randint(0, 77, (10,))
+    out = linear_padded_out(x, w)
+    assert out.shape == (2, 5, 77) and out.stride(-2) == 128
+    ref = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    loss = torch.nn.functional.cross_entropy(out.view(-1, 77), labels)
+    loss_ref = torch.nn.functional.cross_entropy(ref.view(-1, 77), labels)
+    for a, b in zip(torch.autograd.grad(loss, (x, w)), torch.autograd.grad(loss_ref, (x, w))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
