@@ -1,0 +1,1 @@
+"""Multi-rank tests of molm_megatron.parallel (gloo, CPU)."""
