@@ -65,6 +65,10 @@ def _category(event, routing_seq: set[int]) -> str:
     while node is not None:
         if node.name in _OP_CATEGORY:
             return _OP_CATEGORY[node.name]
+        if "_StickBreakingBackward" in node.name:  # the kernels' autograd.Function backward
+            return "attention"
+        if "_ParallelLinearBackward" in node.name:
+            return "experts"
         if node.name in ("routing", "optimizer"):
             return node.name
         if node.name.startswith("autograd::engine::evaluate_function") and node.sequence_nr in routing_seq:
@@ -96,7 +100,9 @@ def main(argv: list[str]) -> int:
         prog="python -m molm_megatron.training.benchmark", description=__doc__.split("\n\n")[0],
         usage="%(prog)s --out DIR [--profile-steps N] -- [pretrain.py flags ...]")
     parser.add_argument("--out", required=True, help="folder for breakdown.json and the profiler's kernel table")
-    parser.add_argument("--profile-steps", type=int, default=5, help="steps run under the profiler after training")
+    # One step already holds every micro-batch of the accumulation; the profiler's Python-side
+    # event processing grows with the launches (tens of thousands per step), so keep this small.
+    parser.add_argument("--profile-steps", type=int, default=1, help="steps run under the profiler after training")
     args, rest = parser.parse_known_args(argv)
     job = parse_job_config([a for a in rest if a != "--"])
     from molm_megatron.training.trainer import Trainer

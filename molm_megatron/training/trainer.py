@@ -120,6 +120,11 @@ class Trainer:
         from molm_megatron import parallel
 
         self.job = job
+        # First of all: a preemption signal during the (slow) build is kept and acted on at the
+        # first step boundary, instead of killing the process without a checkpoint.
+        self.stop_signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.cfg = job.validate()
         t = job.train
         self.device = resolve_device(t.device)
@@ -177,9 +182,6 @@ class Trainer:
                                      aux_name=self.cfg.aux_loss_type)
         self.peak_flops = peak_flops_per_device(self.device, job.metrics.peak_tflops)
         self.flops_per_token = self.cfg.flops_per_token(self.cfg.block_size)
-        self.stop_signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     # ---- state -------------------------------------------------------------------------------
     def _model_file(self) -> str | None:
@@ -211,7 +213,9 @@ class Trainer:
             return
         rank_file = f"rank_{self.rank:05d}.pt"
         names = [rank_file] + ([self._model_file()] if self._model_file() else [])
-        files = self.checkpoints.load(step, names, self.device)
+        # Onto the CPU: torch.set_rng_state takes a CPU tensor, and DeepSpeed/torch copy the rest
+        # to the parameters' device as they load it.
+        files = self.checkpoints.load(step, names, torch.device("cpu"))
         state, e = files[rank_file], self.engine
         if self._model_file():
             e.module.load_state_dict(files[self._model_file()])
