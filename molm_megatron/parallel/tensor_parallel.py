@@ -82,26 +82,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_model_parallel_region(out, group=self.group)
 
 
-class VocabParallelLMHead(nn.Module):
-    """The output layer split over the vocabulary: weight [V_local, D], returns logits [..., V_local].
-
-    Its input enters a copy region: every rank's shard contributes a partial input gradient.
-    """
-
-    def __init__(self, dense: nn.Linear, groups: ParallelGroups):
-        super().__init__()
-        if dense.bias is not None:
-            raise ValueError("vocab-parallel head expects no bias (MoLM's lm_head has none)")
-        self.in_features, self.out_features = dense.in_features, dense.out_features
-        self.weight = dense.weight
-        shard = shard_parameter(self, "weight", "tp", 0, groups).shards[-1]
-        self.vocab_start = shard.start
-        self.group = groups.tp_group
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_model_parallel_region(h, group=self.group), self.weight)
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy of vocab-split logits: loss_n = log sum_v exp(l_nv) - l_n,target.
 
@@ -141,8 +121,8 @@ class VocabParallelCrossEntropy:
     """Replaces `MoLM.cross_entropy_sum`: sum over labels != -100 of the cross entropy of this
     rank's logit shard [B, T, V_local] against labels [B, T] (the same value on every TP rank)."""
 
-    def __init__(self, head: VocabParallelLMHead):
-        self.vocab_start, self.group = head.vocab_start, head.group
+    def __init__(self, vocab_start: int, group: dist.ProcessGroup):
+        self.vocab_start, self.group = vocab_start, group
 
     def __call__(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         valid_N = labels_BT.reshape(-1) != -100
@@ -174,10 +154,18 @@ def _vocab(model: nn.Module, path: str, module: nn.Module, groups: ParallelGroup
     if isinstance(module, nn.Embedding):
         model.set_submodule(path, VocabParallelEmbedding(module, groups))
     elif isinstance(module, nn.Linear):
-        head = VocabParallelLMHead(module, groups)
-        model.set_submodule(path, head)
+        # The head stays the model's own module (its GPU path pads odd vocabulary widths for cuBLAS),
+        # holding rows [V_local, D] of the weight and returning logits [..., V_local]. Its input
+        # enters a copy region: each rank's rows contribute a partial input gradient.
+        if module.bias is not None:
+            raise ValueError(f"{path}: the vocab-parallel head expects no bias (MoLM's lm_head has none)")
+        shard = shard_parameter(module, "weight", "tp", 0, groups).shards[-1]
+        module.out_features = shard.length
+        group = groups.tp_group
+        module.register_forward_pre_hook(lambda _, args: (copy_to_tensor_model_parallel_region(args[0], group),)
+                                         + args[1:])
         # The model's loss hook: logits stay split, so its cross entropy must be the vocab-parallel one.
-        model.cross_entropy_sum = VocabParallelCrossEntropy(head)
+        model.cross_entropy_sum = VocabParallelCrossEntropy(shard.start, group)
     else:
         raise TypeError(f"{path}: style 'vocab' applies to nn.Embedding or nn.Linear, not {type(module).__name__}")
 

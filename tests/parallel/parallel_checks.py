@@ -97,8 +97,8 @@ def compare_layout(groups: ParallelGroups, cfg, prepare: Callable[[MoLM], None] 
     out.loss.backward()
     ref = ref_outs[groups.dp_rank]
 
-    head = model.lm_head
-    start = getattr(head, "vocab_start", 0)
+    shards = getattr(model.lm_head.weight, "shards", ())
+    start = shards[-1].start if shards else 0
     result = {
         "loss_diff": abs(out.loss.item() - ref.loss.item()),
         "lm_loss_sum_diff": abs(out.lm_loss_sum.item() - ref.lm_loss_sum.item()),
