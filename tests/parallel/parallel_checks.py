@@ -105,8 +105,8 @@ def compare_layout(groups: ParallelGroups, cfg, prepare: Callable[[MoLM], None] 
         "aux_diff": max(abs(out.aux_losses[k].item() - ref.aux_losses[k].item()) for k in ref.aux_losses),
         "logits_diff": (out.logits - ref.logits[..., start:start + out.logits.shape[-1]]).abs().max().item(),
         "local_vocab": out.logits.shape[-1],
-        # Tokens each DP shard sends to each expert of layer 0 (from the oracle, independent of EP).
-        "layer0_counts": [o.expert_stats["layer0.mlpf"].tolist() for o in ref_outs],
+        # Assignments each DP shard sends to each MLP expert, per layer (from the oracle, independent of EP).
+        "counts": [[o.expert_stats[f"layer{i}.mlpf"].tolist() for o in ref_outs] for i in range(cfg.n_layer)],
     }
 
     ref_grads = {n: p.grad for n, p in oracle.named_parameters()}

@@ -81,14 +81,14 @@ def test_tp2_matches_single_process(world2):
 def test_ep2_matches_single_process_with_uneven_splits(world2):
     assert_matches_oracle(world2, "ep2")
     # Each rank sends a different number of assignments to experts 0-3 (rank 0) and 4-7 (rank 1).
-    counts = world2[0]["ep2"]["layer0_counts"]
+    counts = world2[0]["ep2"]["counts"][0]
     splits = [(sum(c[:4]), sum(c[4:])) for c in counts]
     assert any(a != b for a, b in splits), splits
 
 
 def test_ep2_rank_receiving_no_tokens_still_matches(world2):
     assert_matches_oracle(world2, "ep2_starved")
-    counts = world2[0]["ep2_starved"]["layer0_counts"]
+    counts = world2[0]["ep2_starved"]["counts"][0]
     assert all(sum(c[4:]) == 0 for c in counts), counts  # EP rank 1 received nothing in layer 0
     assert all(sum(c[:4]) > 0 for c in counts), counts
 
@@ -117,8 +117,8 @@ def test_ep2_dp2_matches_single_process(world4):
 def test_tp2_ep2_matches_single_process(world4):
     assert_matches_oracle(world4, "tp2_ep2")
     assert_matches_oracle(world4, "tp2_ep2_starved")
-    counts = world4[0]["tp2_ep2_starved"]["layer0_counts"]
-    assert counts  # layer 1 was starved; layer 0 routes normally
+    counts = world4[0]["tp2_ep2_starved"]["counts"][1]
+    assert all(sum(c[4:]) == 0 for c in counts), counts  # EP rank 1 (ranks 2, 3) got nothing in layer 1
 
 
 @pytest.mark.parametrize("check, expected", [
