@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -236,6 +237,9 @@ class SlurmCluster:
             "SwitchType=switch/none",
             "JobRequeue=1",
             "SchedulerParameters=sched_interval=1",
+            # The launcher derives its rendezvous port from the job id; a random first id keeps two
+            # test sessions on one machine (each starting at job 1) off the same port.
+            f"FirstJobId={random.randrange(1, 20000)}",
         ]
         if self.multi:
             for node in self.nodes:
