@@ -138,7 +138,11 @@ class CheckpointManager:
         """Delete complete checkpoints beyond the newest keep_last, and stale .tmp folders."""
         steps = self.complete_steps()
         for old in steps[:-self.keep_last]:
-            shutil.rmtree(os.path.join(self.directory, step_dir_name(old)), ignore_errors=True)
+            # Rename first (atomic): a kill during the deletion leaves a `.tmp` folder, which is
+            # ignored and swept, never a half-deleted folder that still looks complete.
+            folder = os.path.join(self.directory, step_dir_name(old))
+            os.rename(folder, folder + ".tmp")
+            shutil.rmtree(folder + ".tmp", ignore_errors=True)
         for name in os.listdir(self.directory):
             if name.endswith(".tmp") and name.startswith("step_"):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)

@@ -16,6 +16,7 @@ Legend: B micro-batch rows, T segment tokens, M memory tokens per row, E experts
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -205,7 +206,11 @@ class Trainer:
                  "rng": rng_state()}
         files = {f"rank_{self.rank:05d}.pt": state}
         if self._model_file() is not None and self.groups.edp_rank == 0:
-            files[self._model_file()] = e.module.state_dict()
+            # With each sharded tensor's place in the full one (parallel.Shard as a dict), so a
+            # converter can assemble full weights from the files alone, without process groups.
+            shards = {name: [dataclasses.asdict(s) for s in p.shards]
+                      for name, p in e.module.named_parameters() if getattr(p, "shards", ())}
+            files[self._model_file()] = {"model": e.module.state_dict(), "shards": shards}
         return files
 
     def _maybe_resume(self) -> None:
@@ -218,7 +223,7 @@ class Trainer:
         files = self.checkpoints.load(step, names, torch.device("cpu"))
         state, e = files[rank_file], self.engine
         if self._model_file():
-            e.module.load_state_dict(files[self._model_file()])
+            e.module.load_state_dict(files[self._model_file()]["model"])
         # ZeRO indexes the list by this rank's position in its data-parallel group; the other
         # entries are only read when the data-parallel size changed, which check_layout refuses.
         partitions = [None] * self.groups.dp_size

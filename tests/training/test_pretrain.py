@@ -150,6 +150,6 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(small_data, tm
     # Skipped steps leave the weights untouched: the checkpoint holds the seeded initial model.
     torch.manual_seed(1234)
     initial = MoLM(model_preset("tiny", vocab_size=50295, block_size=64, history_length=64, z_loss_weight=float("inf")))
-    saved = torch.load(ckpt / "step_00000002" / "model_tp00_ep000.pt", weights_only=True)
+    saved = torch.load(ckpt / "step_00000002" / "model_tp00_ep000.pt", weights_only=True)["model"]
     for key, value in initial.state_dict().items():
         assert torch.equal(saved[key], value), key
