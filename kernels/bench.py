@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ def bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def capture(fn, warmup: int = 2):
+def capture(fn: Callable[[], Any], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
     """fn() captured in a CUDA graph: (graph, the captured call's static outputs).
 
     Warm-up runs on a side stream first (Triton compilation and autotuning, autograd's and the
@@ -86,13 +87,13 @@ def capture(fn, warmup: int = 2):
     return graph, out
 
 
-def flat_outputs(out) -> list[torch.Tensor]:
+def flat_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def check_graph_replay(name: str, fn, refresh, tol: float = 1e-2) -> bool:
+def check_graph_replay(name: str, fn: Callable[[], Any], refresh: Callable[[], Any], tol: float = 1e-2) -> bool:
     """Capture fn, refresh the static inputs with new random values, replay, and compare with an
     eager call on the same inputs (each output's relative error). Also proves fn never syncs."""
     graph, out = capture(fn)
@@ -108,7 +109,7 @@ def check_graph_replay(name: str, fn, refresh, tol: float = 1e-2) -> bool:
     return ok
 
 
-def check_no_sync(name: str, fn) -> bool:
+def check_no_sync(name: str, fn: Callable[[], Any]) -> bool:
     """fn() (already warmed up) under torch.cuda.set_sync_debug_mode('error'): any host
     synchronisation (.item(), .tolist(), nonzero, bincount's max) raises."""
     torch.cuda.synchronize()
