@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from molm_megatron.hf.configuration_moduleformer import ModuleFormerConfig
-from molm_megatron.model.model import MoLM, MoLMTransformer, init_weights
+from molm_megatron.model.model import LMHead, MoLM, MoLMTransformer, init_weights
 
 # Published keys that our model does not have: two unused attention buffers per layer (a causal
 # mask and a cumulative-sum matrix that the published code precomputes). Written on save so the
@@ -37,7 +37,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
     def __init__(self, config: ModuleFormerConfig):
         super().__init__(config)
         self.transformer = MoLMTransformer(config.to_model_config())
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
