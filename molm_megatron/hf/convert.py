@@ -4,10 +4,14 @@ checkpoints (`model_type: moduleformer`, the same keys and shapes).
 Our module names are the published ones, so the key map is the identity; the only differences are
 the two unused attention buffers per layer (see modeling_moduleformer.UNUSED_PUBLISHED_BUFFERS).
 
-A *model file* is what training consolidates a (ZeRO/TP/EP-sharded) checkpoint into:
+A training checkpoint (molm_megatron/training/checkpoint.py) holds one model file per distinct
+(TP rank, EP rank) shard, each with the place of every sharded tensor in the full one; they are
+consolidated here without process groups. A *model file* is one consolidated model:
 `torch.save({"config": asdict(ModelConfig), "model": state_dict})`.
 
-    python -m molm_megatron.hf.convert to-hf --model-file model.pt --out hf_dir [--dtype bfloat16]
+    python -m molm_megatron.hf.convert to-hf --checkpoint runs/x/checkpoints --out hf_dir [--dtype bfloat16]
+    python -m molm_megatron.hf.convert to-hf --model-file model.pt --out hf_dir
+    python -m molm_megatron.hf.convert consolidate --checkpoint runs/x/checkpoints --out model.pt
     python -m molm_megatron.hf.convert from-hf --hf hf_dir --out model.pt
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +30,7 @@ import torch
 from molm_megatron.config import ModelConfig
 from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
 from molm_megatron.model import MoLM
+from molm_megatron.training.checkpoint import MARKER, CheckpointManager, step_dir_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +62,62 @@ def import_hf(hf_dir: str | Path) -> MoLM:
     return ModuleFormerForCausalLM.from_pretrained(hf_dir).to_molm()
 
 
+def _step_folder(checkpoint: Path) -> Path:
+    """A step folder as given, or the newest complete one of a `checkpoint.dir`."""
+    if (checkpoint / "meta.json").exists():
+        if not (checkpoint / MARKER).exists():
+            raise ValueError(f"{checkpoint}: incomplete checkpoint (no {MARKER} marker)")
+        return checkpoint
+    step = CheckpointManager(str(checkpoint), keep_last=1, layout={}, rank=0, barrier=lambda: None).latest_step()
+    if step is None:
+        raise ValueError(f"{checkpoint}: no complete checkpoint (no step_* folder with a {MARKER} marker)")
+    return checkpoint / step_dir_name(step)
+
+
+def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
+    """The full model of a training checkpoint (a `checkpoint.dir` or one of its step folders),
+    whatever its TP/EP layout: every shard file's tensors are placed where their `shards` records
+    say. ZeRO-3 checkpoints keep the weights only in the optimizer partitions and are refused."""
+    folder = _step_folder(Path(checkpoint))
+    meta = json.loads((folder / "meta.json").read_text())
+    model_section = dict(meta["config"]["model"])
+    model_section.pop("preset", None)
+    model = MoLM(ModelConfig(**model_section))
+    files = sorted(folder.glob("model_tp*_ep*.pt"))
+    if not files:
+        raise ValueError(f"{folder}: no model_tp*_ep*.pt files (a ZeRO-3 checkpoint keeps its weights in the "
+                         "optimizer partitions; consolidate it with a ZeRO-1/2 run)")
+    full = {name: torch.empty_like(t) for name, t in model.state_dict().items()}
+    # Each distinct piece counts once: a tensor sharded over TP only is repeated in every EP file.
+    seen: dict[str, set] = {name: set() for name in full}
+    covered = dict.fromkeys(full, 0)
+    for path in files:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        for name, local in blob["model"].items():
+            if name not in full:
+                raise ValueError(f"{path}: unexpected tensor {name!r} for model {model_section}")
+            shards = blob["shards"].get(name, [])
+            piece = tuple((s["dim"], s["start"], s["length"]) for s in shards)
+            if piece in seen[name]:
+                continue
+            seen[name].add(piece)
+            target = full[name]
+            for dim, start, length in piece:  # narrow() gives views: the copy lands inside the full tensor
+                target = target.narrow(dim, start, length)
+            target.copy_(local)
+            covered[name] += local.numel()
+    missing = [name for name, n in covered.items() if n != full[name].numel()]
+    if missing:
+        raise ValueError(f"{folder}: the shard files do not cover {missing[:5]} (layout {meta['layout']})")
+    model.load_state_dict(full)
+    return model
+
+
+def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A training checkpoint as a Hugging Face folder (see consolidate_checkpoint, export_hf)."""
+    return export_hf(consolidate_checkpoint(checkpoint), out_dir, dtype)
+
+
 def save_model_file(model: MoLM, path: str | Path) -> None:
     """Write a model file atomically (temporary name, then rename)."""
     path = Path(path)
@@ -82,17 +144,26 @@ def main(argv: list[str] | None = None) -> None:
                     "published ModuleFormer checkpoints (loadable with AutoModelForCausalLM after "
                     "`import molm_megatron.hf`).")
     sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="model file -> HF folder")
-    to_hf.add_argument("--model-file", required=True, help="consolidated training weights (torch.save of "
-                       "{'config', 'model'}), as written by training's consolidation")
+    to_hf = sub.add_parser("to-hf", help="training checkpoint or model file -> HF folder")
+    source = to_hf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="pretrain.py's checkpoint.dir (its newest complete checkpoint) or "
+                        "one step_* folder; any TP/EP layout, ZeRO 1-2")
+    source.add_argument("--model-file", help="consolidated weights (torch.save of {'config', 'model'})")
     to_hf.add_argument("--out", required=True, help="HF folder to write (replaced atomically)")
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
+    cons = sub.add_parser("consolidate", help="training checkpoint -> model file")
+    cons.add_argument("--checkpoint", required=True, help="checkpoint.dir or one step_* folder")
+    cons.add_argument("--out", required=True, help="model file to write")
     from_hf = sub.add_parser("from-hf", help="HF folder (ours or a published MoLM) -> model file")
     from_hf.add_argument("--hf", required=True, help="HF folder with config.json and safetensors")
     from_hf.add_argument("--out", required=True, help="model file to write")
     args = parser.parse_args(argv)
     if args.command == "to-hf":
-        out = export_hf(load_model_file(args.model_file), args.out, DTYPES.get(args.dtype))
+        model = consolidate_checkpoint(args.checkpoint) if args.checkpoint else load_model_file(args.model_file)
+        out = export_hf(model, args.out, DTYPES.get(args.dtype))
+    elif args.command == "consolidate":
+        save_model_file(consolidate_checkpoint(args.checkpoint), args.out)
+        out = args.out
     else:
         save_model_file(import_hf(args.hf), args.out)
         out = args.out

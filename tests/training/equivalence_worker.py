@@ -1,6 +1,7 @@
 """Rank side of test_parallel_equivalence.py: one 4-process launch trains several parallel layouts
 in turn (the real Trainer, groups torn down between layouts) and rank 0 saves, per layout, the
-logged per-step metrics and the final full-size parameters.
+logged per-step metrics, the final full-size parameters (gathered over the process groups) and
+the final checkpoint consolidated from its files.
 
     torchrun --nproc_per_node 4 tests/training/equivalence_worker.py OUT.pt DATA_PREFIX LAYOUT ...
 
@@ -12,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
 from molm_megatron.config import parse_job_config
+from molm_megatron.hf.convert import consolidate_checkpoint
 from molm_megatron.parallel import full_state_dict
 from molm_megatron.training.trainer import Trainer
 
@@ -37,7 +38,7 @@ def run_layout(spec: str, prefix: str, workdir: str) -> dict | None:
         "--parallel.tensor_parallel_size", tp, "--parallel.expert_parallel_size", ep,
         "--parallel.zero_stage", zero, "--train.micro_batch_size", micro,
         "--train.global_batch_tokens", str(tokens), "--data.prefixes", prefix,
-        "--metrics.dir", os.path.join(workdir, name)])
+        "--metrics.dir", os.path.join(workdir, name), "--checkpoint.dir", os.path.join(workdir, name, "ckpt")])
     trainer = Trainer(job)
     try:
         code = trainer.train()
@@ -50,16 +51,24 @@ def run_layout(spec: str, prefix: str, workdir: str) -> dict | None:
         return None
     with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
+    # The final checkpoint's shard files, consolidated without process groups (the HF converter's
+    # path), or the converter's refusal for ZeRO-3.
+    try:
+        consolidated = consolidate_checkpoint(os.path.join(workdir, name, "ckpt")).state_dict()
+    except ValueError as e:
+        consolidated = str(e)
     return {"exit_code": code, "metrics": metrics, "params": {k: v.cpu() for k, v in params.items()},
+            "consolidated": consolidated,
             "plan": (trainer.plan.micro_batch_size, trainer.plan.grad_accum_steps, trainer.plan.dp_size)}
 
 
 def main() -> None:
     out, prefix, layouts = sys.argv[1], sys.argv[2], sys.argv[3:]
     results = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        for spec in layouts:
-            results[spec.split(":")[0]] = run_layout(spec, prefix, workdir)
+    # Beside the results file: one folder all ranks share (checkpoints are written by every rank).
+    workdir = os.path.join(os.path.dirname(os.path.abspath(out)), "work")
+    for spec in layouts:
+        results[spec.split(":")[0]] = run_layout(spec, prefix, workdir)
     if dist.get_rank() == 0:
         torch.save(results, out)
 
