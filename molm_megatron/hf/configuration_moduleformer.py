@@ -20,7 +20,6 @@ class ModuleFormerConfig(PretrainedConfig):
         "hidden_size": "n_embd",
         "num_attention_heads": "n_head",
         "num_hidden_layers": "n_layer",
-        "max_position_embeddings": "block_size",
     }
 
     def __init__(self, **kwargs):
