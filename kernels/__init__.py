@@ -75,15 +75,20 @@ def scattered_mlp(
     routing: Routing,
     gates_TK: torch.Tensor,
     activation: str = "gelu_new",
+    b1_EF: torch.Tensor | None = None,
+    b2_EO: torch.Tensor | None = None,
+    w3_EIF: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SMoE experts y_t = sum_j g_tj W2[e_tj] act(W1[e_tj] x_t); see
+    """SMoE experts y_t = sum_j g_tj (W2[e] h_e(x_t) + b2[e]), e = e_tj, with
+    h_e(x) = act(W1[e] x + b1[e]), or act(W1[e] x + b1[e]) * (W3[e] x) in the GLU form (w3 given:
+    Llama's SwiGLU); biases optional. See
     kernels.scattered_experts_reference.scattered_mlp_reference. CUDA tensors run the Triton
-    kernels (gelu_new fused into the matmuls)."""
+    kernels (gelu_new and the biases fused into the matmuls)."""
     if x_TI.is_cuda:
         from kernels.scattered_experts import scattered_mlp_triton
 
-        return scattered_mlp_triton(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation)
-    return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation)
+        return scattered_mlp_triton(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation, b1_EF, b2_EO, w3_EIF)
+    return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation, b1_EF, b2_EO, w3_EIF)
 
 
 def linear_padded_out(x: torch.Tensor, weight_VD: torch.Tensor, multiple: int = 64) -> torch.Tensor:

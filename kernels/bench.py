@@ -5,7 +5,7 @@ references in fp32/fp64; outputs of the kernels poisoned with NaN beforehand; fr
 stick-breaking forward and all gradients (head dims 64/128/256/1024, memory, GQA, key mask,
 cu_seqlens, one-token decoding; truncated and untruncated; ordered and atomic dK/dV, the ordered
 one bitwise reproducible), scattered expert matmuls (forward, dX, dW, gates; the fused gelu_new
-MLP and the unfused composition), the padded-vocabulary output layer, the MoLM model's logits and
+MLP and the unfused composition; per-expert biases and the SwiGLU form on strided weights), the padded-vocabulary output layer, the MoLM model's logits and
 gradients with the kernels against the same model on the references, no host synchronisation in
 a MoA layer's or the model's step, and CUDA-graph replays equal to eager runs on fresh inputs.
 
@@ -215,6 +215,52 @@ def check_experts(N_tokens=8192, E=32, K=2, d=1024, ffd=2048, dtype=torch.bfloat
     return ok
 
 
+def check_expert_forms(N_tokens=4096, E=64, K=16, d=1024, ffd=64, dtype=torch.bfloat16):
+    """The expert MLP forms dense-model FFNs need (EMoE's shapes: 64 experts of ffd = d_ff / 64,
+    k = 16), bf16 against the fp32 reference, output and every gradient: gelu_new with per-expert
+    biases (GPT-2; fused), exact gelu with biases (GPT-NeoX; Triton composition), SwiGLU (Llama;
+    gate/up/down), each with the weights as transposed views of [E, out, in] storage, as EMoE
+    passes an nn.Linear's weight."""
+    import kernels
+    from kernels.scattered_experts import scattered_mlp_triton
+
+    dev = "cuda"
+    probs = torch.softmax(torch.randn(N_tokens, E, device=dev), -1)
+    idx = probs.topk(K, -1).indices
+    routing = kernels.route(idx, E)
+
+    def view(I, O, scale):  # an [E, I, O] weight as a view of [E, O, I] storage
+        return ((torch.rand(E, O, I, device=dev, dtype=dtype) * 2 - 1) * scale).transpose(1, 2).requires_grad_()
+
+    ok, row = True, {}
+    for form, activation, biases, glu in (("gpt2", "gelu_new", True, False), ("neox", "gelu", True, False),
+                                          ("llama", "silu", False, True)):
+        x = torch.randn(N_tokens, d, device=dev, dtype=dtype, requires_grad=True)
+        gates = torch.ones(N_tokens, K, device=dev, dtype=dtype, requires_grad=True)
+        w1, w2 = view(d, ffd, 3 / math.sqrt(d)), view(ffd, d, 1 / math.sqrt(ffd))
+        opt = {}
+        if biases:
+            opt["b1_EF"] = torch.randn(E, ffd, device=dev, dtype=dtype, requires_grad=True)
+            opt["b2_EO"] = (torch.randn(E, d, device=dev, dtype=dtype) / K).requires_grad_()
+        if glu:
+            opt["w3_EIF"] = view(d, ffd, 1 / math.sqrt(d))
+        inputs = [x, w1, w2, gates, *opt.values()]
+        dy = torch.randn(N_tokens, d, device=dev, dtype=dtype)
+        ref_in = [t.detach().float().requires_grad_() for t in inputs]
+        y_ref = kernels.scattered_mlp_reference(*ref_in[:3], K, routing, ref_in[3], activation,
+                                                **dict(zip(opt, ref_in[4:])))
+        g_ref = torch.autograd.grad(y_ref, ref_in, dy.float())
+        y = scattered_mlp_triton(x, w1, w2, K, routing, gates, activation, **opt)
+        g = torch.autograd.grad(y, inputs, dy)
+        errs = [rel(a, b) for a, b in zip((y, *g), (y_ref, *g_ref))]
+        row[f"{form} errors(y,dx,dw1,dw2,dgates{',db1,db2' if biases else ''}{',dw3' if glu else ''})"] = errs
+        ok = ok and all(e < 1e-2 for e in errs)
+    row["ok"] = ok
+    RESULTS["check/expert_forms"] = row
+    log(f"check expert forms: {row} -> {'OK' if ok else 'FAIL'}")
+    return ok
+
+
 def check_lm_head(rows=4096, d=1024, V=50295):
     """The model's output layer on GPU (padded vocabulary, a strided view of the logits) against
     F.linear in fp32: logits and both gradients through the model's cross entropy."""
@@ -351,7 +397,7 @@ SB_CHECKS = {
     "d128_fp16": dict(B=2, H=4, G=4, T=512, S=512, D=128, dtype=torch.float16),
     "d64_fp32": dict(B=1, H=2, G=1, T=256, S=300, D=64, dtype=torch.float32, tol=1e-4),
 }
-OTHER_CHECKS = ("sb_reproducible", "experts", "lm_head", "model_fp32", "model_bf16", "graphs")
+OTHER_CHECKS = ("sb_reproducible", "experts", "expert_forms", "lm_head", "model_fp32", "model_bf16", "graphs")
 
 
 def run_checks(deterministic_ok: bool, names: list[str] | None) -> None:
@@ -360,6 +406,7 @@ def run_checks(deterministic_ok: bool, names: list[str] | None) -> None:
     others = {
         "sb_reproducible": (check_sb_reproducible, ()),
         "experts": (check_experts, ()),
+        "expert_forms": (check_expert_forms, ()),
         "lm_head": (check_lm_head, ()),
         "model_fp32": (check_model, ("tiny", torch.float32)),
         "model_bf16": (check_model, ("tiny", torch.bfloat16, 2e-2)),

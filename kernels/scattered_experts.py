@@ -97,21 +97,22 @@ def _gelu_new_grad(x):
     return s + x * s * (1.0 - s) * (1.5957691216057308 * (1.0 + 0.134145 * x * x))
 
 
-# Epilogues of `_scatter_mm_kernel` (constexpr EPILOGUE).
+# Epilogues of `_scatter_mm_kernel` (constexpr EPILOGUE); with HAS_BIAS, acc includes BIAS[e].
 EPI_PLAIN = 0  # Y = scale * acc
 EPI_GELU = 1  # Y = gelu_new(acc); with SAVE_AUX also AUX = acc (pre-activation), AUX2 = scale * Y
 EPI_GELU_GRAD = 2  # Y = scale * acc * gelu_new'(AUX[out_row]): the activation's backward
 
 
 @triton.autotune(configs=_mm_configs(),
-                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "EPILOGUE", "SAVE_AUX"],
+                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "HAS_BIAS", "EPILOGUE", "SAVE_AUX"],
                  prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
 def _scatter_mm_kernel(
-    X, W, Y, SCALE, SORTED_FLAT, OFFSETS, AUX, AUX2,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
+    X, W, Y, SCALE, SORTED_FLAT, OFFSETS, AUX, AUX2, BIAS,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn, stride_be, stride_bn,
     N, I, O, E, in_div,
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr, E_PAD: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    E_PAD: tl.constexpr,
     EPILOGUE: tl.constexpr, SAVE_AUX: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -142,6 +143,10 @@ def _scatter_mm_kernel(
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        # The expert's bias joins the fp32 accumulator (before the activation and the scale).
+        b = tl.load(BIAS + e.to(tl.int64) * stride_be + offs_n * stride_bn, mask=offs_n < O, other=0.0)
+        acc += b.to(tl.float32)[None, :]
     if SCATTER:
         out_row = flat
     else:
@@ -275,26 +280,27 @@ def gate_grad(z_NO: torch.Tensor, dy_TO: torch.Tensor, gates_TK: torch.Tensor) -
 
 def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
                gather_div: int | None, scatter: bool, scale_N: torch.Tensor | None = None,
-               transpose_w: bool = False) -> torch.Tensor:
-    """Y[out_row(n)] = scale_n * X[in_row(n)] @ W[e_n] (W[e_n]^T with transpose_w) for the N
-    sorted assignments. in_row = flat_n // gather_div, or n when gather_div is None; out_row =
-    flat_n when scatter, else n. Returns Y [N, O]."""
+               transpose_w: bool = False, bias_EO: torch.Tensor | None = None) -> torch.Tensor:
+    """Y[out_row(n)] = scale_n * (X[in_row(n)] @ W[e_n] + bias[e_n]) (W[e_n]^T with transpose_w)
+    for the N sorted assignments. in_row = flat_n // gather_div, or n when gather_div is None;
+    out_row = flat_n when scatter, else n. Returns Y [N, O]."""
     y = _check_mm(x, w_EIO, sorted_flat_N, expert_offsets_E, gather_div, transpose_w)
-    _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter, scale_N, transpose_w, EPI_PLAIN)
+    _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter, scale_N, transpose_w, EPI_PLAIN,
+               bias_EO=bias_EO)
     return y
 
 
 def scatter_mm_gelu(x: torch.Tensor, w_EIF: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
-                    gather_div: int | None, scale_N: torch.Tensor, save: bool,
+                    gather_div: int | None, scale_N: torch.Tensor, save: bool, bias_EF: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first expert matmul with gelu_new in its epilogue, output grouped (sorted order):
-    h [N, F] = gelu_new(X[in_row(n)] @ W[e_n]); with `save` also z = the pre-activation and
-    gh = scale_n * h (for the backward), else two empty [0, F] tensors."""
+    h [N, F] = gelu_new(X[in_row(n)] @ W[e_n] + bias[e_n]); with `save` also z = the
+    pre-activation and gh = scale_n * h (for the backward), else two empty [0, F] tensors."""
     h = _check_mm(x, w_EIF, sorted_flat_N, expert_offsets_E, gather_div, False)
     rows = h.shape[0] if save else 0
     z, gh = h.new_empty(rows, h.shape[1]), h.new_empty(rows, h.shape[1])
     _launch_mm(x, w_EIF, h, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, False, EPI_GELU,
-               aux=(z, gh) if save else None)
+               aux=(z, gh) if save else None, bias_EO=bias_EF)
     return h, z, gh
 
 
@@ -330,7 +336,7 @@ def _check_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor,
 
 
 def _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter, scale_N, transpose_w, epilogue,
-               aux=None) -> None:
+               aux=None, bias_EO=None) -> None:
     N, E = sorted_flat_N.numel(), w_EIO.shape[0]
     if N == 0:
         return
@@ -339,12 +345,15 @@ def _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter
     stride_wk, stride_wn = (sw[2], sw[1]) if transpose_w else (sw[1], sw[2])
     scale = scale_N if scale_N is not None else x
     aux1, aux2 = aux if aux is not None else (y, y)  # dummies the kernel never touches
+    if bias_EO is not None and (bias_EO.shape != (E, O) or bias_EO.dtype != y.dtype):
+        raise ValueError(f"bias must be [{E}, {O}] of {y.dtype}, got {tuple(bias_EO.shape)} of {bias_EO.dtype}")
+    bias = bias_EO if bias_EO is not None else y
     grid = lambda meta: ((triton.cdiv(N, meta["BLOCK_M"]) + E) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
     _scatter_mm_kernel[grid](
-        x, w_EIO, y, scale, sorted_flat_N, expert_offsets_E, aux1, aux2,
-        x.stride(0), x.stride(1), sw[0], stride_wk, stride_wn, y.stride(0), y.stride(1),
+        x, w_EIO, y, scale, sorted_flat_N, expert_offsets_E, aux1, aux2, bias,
+        x.stride(0), x.stride(1), sw[0], stride_wk, stride_wn, y.stride(0), y.stride(1), bias.stride(0), bias.stride(1),
         N, I, O, E, gather_div or 1,
-        GATHER=gather_div is not None, SCATTER=scatter, HAS_SCALE=scale_N is not None,
+        GATHER=gather_div is not None, SCATTER=scatter, HAS_SCALE=scale_N is not None, HAS_BIAS=bias_EO is not None,
         E_PAD=triton.next_power_of_2(E), EPILOGUE=epilogue, SAVE_AUX=epilogue == EPI_GELU and aux is not None,
         DOT_PREC=dot_precision(x.dtype),
     )
@@ -370,15 +379,25 @@ def expert_xty(x: torch.Tensor, dy: torch.Tensor, sorted_flat_N: torch.Tensor, e
     return dw
 
 
+def expert_row_sum(dy: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
+                   dy_div: int | None, scale_N: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, O]: sum over expert e's sorted assignments n of scale_n * DY[dy_row(n)], the gradient
+    of a per-expert bias. `expert_xty` with X a column of ones (a stride-0 view, nothing
+    allocated): deterministic, unlike an index_add with atomics."""
+    ones = dy.new_ones(1, 1).expand(sorted_flat_N.numel(), 1)
+    return _expert_xty_op(ones, dy, sorted_flat_N, expert_offsets_E, 0, dy_div or 0, scale_N).squeeze(1)
+
+
 # torch.library ops: opaque to torch.compile (the fakes give it shapes).
 @torch.library.custom_op("molm_kernels::scatter_mm", mutates_args=())
 def _scatter_mm_op(x: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
-                   gather_div: int, scatter: bool, scale: torch.Tensor | None, transpose_w: bool) -> torch.Tensor:
-    return scatter_mm(x, w, sorted_flat, offsets, gather_div or None, scatter, scale, transpose_w)
+                   gather_div: int, scatter: bool, scale: torch.Tensor | None, transpose_w: bool,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    return scatter_mm(x, w, sorted_flat, offsets, gather_div or None, scatter, scale, transpose_w, bias)
 
 
 @_scatter_mm_op.register_fake
-def _(x, w, sorted_flat, offsets, gather_div, scatter, scale, transpose_w):
+def _(x, w, sorted_flat, offsets, gather_div, scatter, scale, transpose_w, bias=None):
     return x.new_empty(sorted_flat.numel(), w.shape[1] if transpose_w else w.shape[2])
 
 
@@ -395,13 +414,13 @@ def _(x, dy, sorted_flat, offsets, x_div, dy_div, scale):
 
 @torch.library.custom_op("molm_kernels::scatter_mm_gelu", mutates_args=())
 def _scatter_mm_gelu_op(x: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
-                        gather_div: int, scale: torch.Tensor, save: bool,
+                        gather_div: int, scale: torch.Tensor, save: bool, bias: torch.Tensor | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return scatter_mm_gelu(x, w, sorted_flat, offsets, gather_div or None, scale, save)
+    return scatter_mm_gelu(x, w, sorted_flat, offsets, gather_div or None, scale, save, bias)
 
 
 @_scatter_mm_gelu_op.register_fake
-def _(x, w, sorted_flat, offsets, gather_div, scale, save):
+def _(x, w, sorted_flat, offsets, gather_div, scale, save, bias=None):
     h = x.new_empty(sorted_flat.numel(), w.shape[2])
     saved = sorted_flat.numel() if save else 0
     return h, x.new_empty(saved, w.shape[2]), x.new_empty(saved, w.shape[2])
@@ -475,19 +494,20 @@ def parallel_linear_triton(
 
 
 class _ScatteredGeluMLP(torch.autograd.Function):
-    """y_t = sum_j g_tj W2[e_tj] gelu_new(W1[e_tj] x_t) in four launches (matmul + gelu epilogue,
-    matmul with scatter, gated sum), and its backward in five (gate dot products, one matmul
-    whose epilogue applies the gate and gelu's derivative, two weight gradients, one input
-    gradient). Saves x, z = W1 x (pre-activation), g*h and the per-choice outputs: the same
-    memory as the unfused composition (which saves z for gelu, h for the second matmul)."""
+    """y_t = sum_j g_tj (W2[e_tj] gelu_new(W1[e_tj] x_t + b1[e_tj]) + b2[e_tj]) in four launches
+    (matmul + bias + gelu epilogue, matmul + bias with scatter, gated sum), and its backward in
+    five (gate dot products, one matmul whose epilogue applies the gate and gelu's derivative,
+    two weight gradients, one input gradient), plus one reduction per bias. Saves x, z = W1 x + b1
+    (pre-activation), g*h and the per-choice outputs: the same memory as the unfused composition
+    (which saves z for gelu, h for the second matmul)."""
 
     @staticmethod
-    def forward(ctx, x, w1_EIF, w2_EFO, k, sorted_flat, offsets, gates_TK, save):
+    def forward(ctx, x, w1_EIF, w2_EFO, b1_EF, b2_EO, k, sorted_flat, offsets, gates_TK, save):
         # gather_div 0 means "grouped" (no gather) in the ops' integer arguments. save: whether a
         # backward can follow (else z and g*h are neither written nor kept).
         g_sorted = gates_TK.reshape(-1)[sorted_flat].to(x.dtype)  # gate of each sorted assignment
-        h, z, gh = _scatter_mm_gelu_op(x, w1_EIF, sorted_flat, offsets, k, g_sorted, save)  # (N, F) sorted
-        out_N = _scatter_mm_op(h, w2_EFO, sorted_flat, offsets, 0, True, None, False)  # (N, O) flat order
+        h, z, gh = _scatter_mm_gelu_op(x, w1_EIF, sorted_flat, offsets, k, g_sorted, save, b1_EF)  # (N, F) sorted
+        out_N = _scatter_mm_op(h, w2_EFO, sorted_flat, offsets, 0, True, None, False, b2_EO)  # (N, O) flat order
         y = gate_sum(out_N, gates_TK.to(out_N.dtype))  # (T, O)
         ctx.k, ctx.x_rows = k, x.shape[0]
         ctx.save_for_backward(x, w1_EIF, w2_EFO, sorted_flat, offsets, gates_TK, g_sorted, z, gh, out_N)
@@ -498,19 +518,23 @@ class _ScatteredGeluMLP(torch.autograd.Function):
         x, w1_EIF, w2_EFO, sorted_flat, offsets, gates_TK, g_sorted, z, gh, out_N = ctx.saved_tensors
         K = gates_TK.shape[1]
         dy = dy.contiguous().to(out_N.dtype)
-        dgates = gate_grad(out_N, dy, gates_TK) if ctx.needs_input_grad[6] else None
+        dgates = gate_grad(out_N, dy, gates_TK) if ctx.needs_input_grad[8] else None
         # dz_n = gelu'(z_n) * g_n * dy[token(n)] W2[e_n]^T, in sorted order: never stores dh.
         dz = _scatter_mm_gelu_grad_op(dy, w2_EFO, sorted_flat, offsets, K, g_sorted, z)
-        dx = dw1 = dw2 = None
+        dx = dw1 = dw2 = db1 = db2 = None
         if ctx.needs_input_grad[2]:
             dw2 = _expert_xty_op(gh, dy, sorted_flat, offsets, 0, K, None)  # sum_n (g_n h_n)^T dy_t
         if ctx.needs_input_grad[1]:
             dw1 = _expert_xty_op(x, dz, sorted_flat, offsets, ctx.k, 0, None)
+        if ctx.needs_input_grad[3]:
+            db1 = expert_row_sum(dz, sorted_flat, offsets, None)  # sum_n dz_n
+        if ctx.needs_input_grad[4]:
+            db2 = expert_row_sum(dy, sorted_flat, offsets, K, g_sorted)  # sum_n g_n dy_t
         if ctx.needs_input_grad[0]:
             dx = _scatter_mm_op(dz, w1_EIF, sorted_flat, offsets, 0, True, None, True)  # (N, I) flat order
             if ctx.k > 1:
                 dx = dx.view(ctx.x_rows, ctx.k, -1).sum(1)  # a token's k choices read one row
-        return dx, dw1, dw2, None, None, None, dgates, None
+        return dx, dw1, dw2, db1, db2, None, None, None, dgates, None
 
 
 def scattered_mlp_triton(
@@ -521,17 +545,23 @@ def scattered_mlp_triton(
     routing: Routing,
     gates_TK: torch.Tensor,
     activation: str = "gelu_new",
+    b1_EF: torch.Tensor | None = None,
+    b2_EO: torch.Tensor | None = None,
+    w3_EIF: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SMoE experts with the Triton kernels; semantics of
-    `kernels.scattered_experts_reference.scattered_mlp_reference`. gelu_new is fused into the
-    matmuls' epilogues; other activations run the unfused composition."""
-    if activation != "gelu_new":
-        return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation,
+    `kernels.scattered_experts_reference.scattered_mlp_reference` (same arguments). gelu_new
+    and the biases are fused into the matmuls' epilogues; other activations and the GLU form
+    run the composition of Triton matmuls, with the biases added (and their gradients summed)
+    by PyTorch."""
+    if activation != "gelu_new" or w3_EIF is not None:
+        return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation, b1_EF, b2_EO, w3_EIF,
                                        linear=parallel_linear_triton)
     if gates_TK.shape[0] * gates_TK.shape[1] != routing.sorted_flat_idx_N.numel():
         raise ValueError(f"gates {tuple(gates_TK.shape)} must hold one gate per assignment "
                          f"({routing.sorted_flat_idx_N.numel()})")
     _, sorted_flat, offsets = routing
     # Decided out here: inside Function.forward grad mode is always off.
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TI, w1_EIF, w2_EFO, gates_TK))
-    return _ScatteredGeluMLP.apply(x_TI, w1_EIF, w2_EFO, k, sorted_flat, offsets, gates_TK, save)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x_TI, w1_EIF, w2_EFO, b1_EF, b2_EO, gates_TK))
+    return _ScatteredGeluMLP.apply(x_TI, w1_EIF, w2_EFO, b1_EF, b2_EO, k, sorted_flat, offsets, gates_TK, save)

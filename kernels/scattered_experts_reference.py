@@ -81,6 +81,12 @@ def parallel_linear_reference(
     return torch.bmm(gates_TK.unsqueeze(1).to(y.dtype), y.view(T, K, -1)).squeeze(1)  # (T, O)
 
 
+def expert_of_flat(routing: Routing) -> torch.Tensor:
+    """[N]: the expert of each assignment in flat (token * K + choice) order."""
+    sorted_expert, sorted_flat, _ = routing
+    return torch.empty_like(sorted_expert).index_copy(0, sorted_flat, sorted_expert)
+
+
 def scattered_mlp_reference(
     x_TI: torch.Tensor,
     w1_EIF: torch.Tensor,
@@ -89,12 +95,31 @@ def scattered_mlp_reference(
     routing: Routing,
     gates_TK: torch.Tensor,
     activation: str = "gelu_new",
+    b1_EF: torch.Tensor | None = None,
+    b2_EO: torch.Tensor | None = None,
+    w3_EIF: torch.Tensor | None = None,
     linear: Callable[..., torch.Tensor] = parallel_linear_reference,
 ) -> torch.Tensor:
-    """SMoE experts: y_t = sum_j g_tj W2[e_tj] act(W1[e_tj] x_t), [T, O] (F: expert hidden width).
+    """SMoE experts, [T, O] (F: expert hidden width):
+    y_t = sum_j g_tj (W2[e] h_e(x_t) + b2[e]) with e = e_tj, and
+    h_e(x) = act(W1[e] x + b1[e]), or in the GLU form (w3 given; Llama's SwiGLU with silu)
+    h_e(x) = act(W1[e] x + b1[e]) * (W3[e] x): W1 is the gate projection, W3 the up projection
+    (Mixtral's w1/w3/w2 names). The biases are optional (GPT-2 and GPT-NeoX have them).
 
     x_TI is read as x[flat // k]; k = 1 with T*K rows is the expert-parallel form (one assignment
     per received row). `linear` is the scattered matmul the composition uses (this reference, or
-    the unfused Triton one: the Triton path's fallback for activations it does not fuse)."""
-    h_NF = ACTIVATIONS[activation](linear(x_TI, w1_EIF, k, routing, grouped_out=True))
-    return linear(h_NF, w2_EFO, 1, routing, grouped_in=True, gates_TK=gates_TK)
+    the unfused Triton one: the Triton path's fallback for the forms it does not fuse)."""
+    sorted_expert = routing.sorted_expert_idx_N
+    pre_NF = linear(x_TI, w1_EIF, k, routing, grouped_out=True)  # sorted order
+    if b1_EF is not None:
+        pre_NF = pre_NF + b1_EF[sorted_expert]
+    h_NF = ACTIVATIONS[activation](pre_NF)
+    if w3_EIF is not None:
+        h_NF = h_NF * linear(x_TI, w3_EIF, k, routing, grouped_out=True)
+    y_TO = linear(h_NF, w2_EFO, 1, routing, grouped_in=True, gates_TK=gates_TK)
+    if b2_EO is None:
+        return y_TO
+    T, K = gates_TK.shape
+    # The gated sum of each token's chosen biases: sum_j g_tj b2[e_tj].
+    b_TKO = b2_EO[expert_of_flat(routing)].view(T, K, -1)
+    return y_TO + torch.bmm(gates_TK.unsqueeze(1).to(b_TKO.dtype), b_TKO).squeeze(1)

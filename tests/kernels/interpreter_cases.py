@@ -132,10 +132,13 @@ def experts_case(T, K, E, I, O, grouped_in=False, grouped_out=False, gated=False
     return [rel(a, b) for a, b in zip((y, *grads), (y_ref, *grads_ref))]
 
 
-def mlp_case(T, K, E, I, F, O, activation="gelu_new", k_in=None, grad=True):
-    """The fused expert MLP (gelu_new in the matmul epilogues) against the float64 composition of
-    reference matmuls: y and the gradients of x, both weights and the gates. k_in = 1 with T*K
-    rows of x is the expert-parallel form; grad=False runs the inference path (nothing saved)."""
+def mlp_case(T, K, E, I, F, O, activation="gelu_new", k_in=None, grad=True, bias=False, glu=False, strided=False):
+    """The expert MLP (fused: gelu_new and the biases in the matmul epilogues; else the Triton
+    composition) against the float64 composition of reference matmuls: y and the gradients of
+    x, every weight, the biases (bias=True: b1 and b2) and the gates. glu=True adds the up
+    projection W3 (SwiGLU with activation "silu"). k_in = 1 with T*K rows of x is the
+    expert-parallel form; grad=False runs the inference path (nothing saved). strided=True passes
+    the weights as transposed views (how EMoE reads a dense model's nn.Linear weights)."""
     k_in = K if k_in is None else k_in
     routing = route(torch.randint(0, E - 1, (T, K)), E)  # expert E-1 gets no token: an empty run
     x = torch.randn(T * K if k_in == 1 else T, I)
@@ -143,13 +146,26 @@ def mlp_case(T, K, E, I, F, O, activation="gelu_new", k_in=None, grad=True):
     w1 = torch.randn(E, I, F) * 2 / math.sqrt(I)
     w2 = torch.randn(E, F, O) / math.sqrt(F)
     gates = torch.rand(T, K)
-    inputs = [t.requires_grad_(grad) for t in (x, w1, w2, gates)]
+    optional = {}
+    if bias:
+        optional["b1_EF"], optional["b2_EO"] = torch.randn(E, F), torch.randn(E, O)
+    if glu:
+        optional["w3_EIF"] = torch.randn(E, I, F) / math.sqrt(I)
+    inputs = [t.requires_grad_(grad) for t in (x, w1, w2, gates, *optional.values())]
+
+    def call(fn, ts):
+        ts = list(ts)
+        if strided:  # [E, a, b] weights as views of [E, b, a] storage
+            for i in [1, 2] + ([len(ts) - 1] if glu else []):
+                ts[i] = ts[i].transpose(1, 2).contiguous().transpose(1, 2)
+        return fn(*ts[:3], k_in, routing, ts[3], activation, **dict(zip(optional, ts[4:])))
+
     with poisoned_allocations():
-        y = scattered_mlp_triton(*inputs[:3], k_in, routing, inputs[3], activation)
+        y = call(scattered_mlp_triton, inputs)
         dy = torch.randn(y.shape)
         grads = torch.autograd.grad(y, inputs, dy) if grad else ()
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref = scattered_mlp_reference(*ref_in[:3], k_in, routing, ref_in[3], activation)
+    y_ref = call(scattered_mlp_reference, ref_in)
     grads_ref = torch.autograd.grad(y_ref, ref_in, dy.double()) if grad else ()
     return [rel(a, b) for a, b in zip((y, *grads), (y_ref, *grads_ref))]
 
@@ -171,6 +187,11 @@ CASES = {
     "mlp_gelu_fused_k3_expert_parallel_form": lambda: mlp_case(21, 3, 5, 20, 36, 24, k_in=1),
     "mlp_gelu_fused_inference": lambda: mlp_case(30, 2, 4, 24, 40, 20, grad=False),
     "mlp_relu_unfused_fallback": lambda: mlp_case(25, 2, 3, 24, 40, 20, activation="relu"),
+    "mlp_gelu_fused_biases_k2": lambda: mlp_case(29, 2, 4, 24, 40, 20, bias=True),
+    "mlp_gelu_fused_biases_inference": lambda: mlp_case(17, 3, 4, 24, 40, 20, bias=True, grad=False),
+    "mlp_gelu_exact_biases_unfused": lambda: mlp_case(19, 2, 3, 24, 36, 20, activation="gelu", bias=True),
+    "mlp_swiglu_k2": lambda: mlp_case(23, 2, 4, 24, 40, 20, activation="silu", glu=True),
+    "mlp_gelu_fused_biases_strided_weights": lambda: mlp_case(21, 2, 3, 24, 40, 20, bias=True, strided=True),
 }
 
 

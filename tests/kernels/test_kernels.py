@@ -37,7 +37,9 @@ SB_CASES = ["sb_causal", "sb_memory_gqa_keymask", "sb_decode_one_token", "sb_cu_
             "sb_untruncated_atomic", "sb_head_slices"]
 EXPERT_CASES = ["experts_gather_scatter_k2", "experts_grouped_out_k3", "experts_grouped_in_gated",
                 "experts_flat_in_gated", "experts_k1", "mlp_gelu_fused_k2", "mlp_gelu_fused_k3_expert_parallel_form",
-                "mlp_gelu_fused_inference", "mlp_relu_unfused_fallback"]
+                "mlp_gelu_fused_inference", "mlp_relu_unfused_fallback", "mlp_gelu_fused_biases_k2",
+                "mlp_gelu_fused_biases_inference", "mlp_gelu_exact_biases_unfused", "mlp_swiglu_k2",
+                "mlp_gelu_fused_biases_strided_weights"]
 
 
 @pytest.mark.parametrize("case", SB_CASES + EXPERT_CASES)
@@ -132,3 +134,31 @@ def test_linear_padded_out_equals_linear_with_gradients():
     loss_ref = torch.nn.functional.cross_entropy(ref.view(-1, 77), labels)
     for a, b in zip(torch.autograd.grad(loss, (x, w)), torch.autograd.grad(loss_ref, (x, w))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["biases", "swiglu", "swiglu_biases"])
+def test_reference_mlp_with_biases_and_glu_equals_a_per_token_loop(form):
+    """scattered_mlp_reference's biases and GLU form against a dumb loop over tokens and choices:
+    y_t = sum_j g_tj (W2[e] h + b2[e]), h = act(W1[e] x + b1[e]) (* W3[e] x in the GLU form)."""
+    from kernels.scattered_experts_reference import ACTIVATIONS, scattered_mlp_reference
+
+    torch.manual_seed(0)
+    T, K, E, I, F, O = 9, 2, 4, 6, 5, 7
+    idx = torch.randint(0, E, (T, K))
+    x, g = torch.randn(T, I, dtype=torch.float64), torch.rand(T, K, dtype=torch.float64)
+    w1, w2, w3 = (torch.randn(E, I, F, dtype=torch.float64), torch.randn(E, F, O, dtype=torch.float64),
+                  torch.randn(E, I, F, dtype=torch.float64))
+    b1, b2 = torch.randn(E, F, dtype=torch.float64), torch.randn(E, O, dtype=torch.float64)
+    glu, biases = "swiglu" in form, "biases" in form
+    act = ACTIVATIONS["silu" if glu else "gelu_new"]
+    y = scattered_mlp_reference(x, w1, w2, K, route(idx, E), g, "silu" if glu else "gelu_new",
+                                b1 if biases else None, b2 if biases else None, w3 if glu else None)
+    for t in range(T):
+        expected = torch.zeros(O, dtype=torch.float64)
+        for j in range(K):
+            e = idx[t, j]
+            h = act(x[t] @ w1[e] + (b1[e] if biases else 0))
+            if glu:
+                h = h * (x[t] @ w3[e])
+            expected += g[t, j] * (h @ w2[e] + (b2[e] if biases else 0))
+        torch.testing.assert_close(y[t], expected, rtol=1e-12, atol=1e-12)
