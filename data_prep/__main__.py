@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from data_prep.pipeline import PrepConfig, Summary, prepare
-from data_prep.readers import FORMATS
+from molm_megatron.data.corpus import FORMATS
 
 EPILOG = """\
 examples:

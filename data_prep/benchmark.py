@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_prep.pipeline import PrepConfig, prepare, stdlib_sources
+from data_prep.pipeline import PrepConfig, prepare
+from molm_megatron.data.corpus import stdlib_sources
 from tokenizer.loading import load_tokenizer
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import sysconfig
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from data_prep.readers import FORMATS, Document, InputReader, Skipped, check_readable
+from molm_megatron.data.corpus import FORMATS, Document, InputReader, Skipped, check_readable
 from tokenizer.loading import TextTokenizer, load_tokenizer
 
 log = logging.getLogger("data_prep")
@@ -57,7 +56,7 @@ class PrepConfig:
     backend: str = "auto"
     """Tokenizer backend: auto, tokenizers or tiktoken (CodeGen only)."""
     input_format: str = "auto"
-    """One of data_prep.readers.FORMATS."""
+    """One of molm_megatron.data.corpus.FORMATS."""
     text_field: str = "text"
     """Field with the document text (jsonl, parquet, hf); dotted paths reach nested objects."""
     domain_field: Optional[str] = None
@@ -94,7 +93,7 @@ class Summary:
     tokens: int = 0
     text_bytes: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-    """Skipped inputs per reason (data_prep.readers.REASONS)."""
+    """Skipped inputs per reason (molm_megatron.data.corpus.REASONS)."""
     outputs: list[str] = field(default_factory=list)
     """Dataset prefixes written."""
     skip_log: str = ""
@@ -174,24 +173,6 @@ def prepare_text_files(files: Iterable[str | Path], output_prefix: str | Path, t
     """
     return prepare(PrepConfig(inputs=list(files), output_prefix=Path(output_prefix), tokenizer=tokenizer,
                               input_format="text", workers=workers))
-
-
-def stdlib_sources(max_bytes: Optional[int] = None) -> list[Path]:
-    """The Python standard library's `.py` files (site-packages excluded) in sorted order; with
-    `max_bytes`, the leading ones that fit in it. Real text present on every machine.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    if max_bytes is None:
-        return files
-    chosen, total = [], 0
-    for path in files:
-        size = path.stat().st_size
-        if total + size > max_bytes:
-            break
-        chosen.append(path)
-        total += size
-    return chosen
 
 
 # --- reading and tokenizing ------------------------------------------------------------------

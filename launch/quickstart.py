@@ -64,7 +64,7 @@ def prepare_data(workdir: Path, max_bytes: int) -> str:
     if prefix.with_suffix(".idx").exists() and prefix.with_suffix(".bin").exists():
         print(f"reusing {prefix}.bin/.idx")
         return str(prefix)
-    from data_prep.pipeline import prepare_text_files, stdlib_sources
+    from data_prep import prepare_text_files, stdlib_sources
 
     files = stdlib_sources(max_bytes)
     print(f"{len(files)} standard library files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB")

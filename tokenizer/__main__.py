@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
-from data_prep.readers import FORMATS, Document, InputReader, check_readable
+from molm_megatron.data.corpus import FORMATS, Document, InputReader, check_readable
 from tokenizer.codegen import VOCAB_SIZE, build_codegen_tokenizer
 from tokenizer.training import KINDS, extend_bytelevel_bpe, train_tokenizer
 

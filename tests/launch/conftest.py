@@ -37,7 +37,7 @@ def two_node_cluster(slurm_ready) -> Iterator[SlurmCluster]:
 @pytest.fixture(scope="session")
 def stdlib_data(tmp_path_factory) -> str:
     """Prefix of an indexed dataset (CodeGen tokens) written by data_prep from stdlib sources."""
-    from data_prep.pipeline import prepare_text_files, stdlib_sources
+    from data_prep import prepare_text_files, stdlib_sources
 
     prefix = tmp_path_factory.mktemp("launch_data") / "stdlib"
     prepare_text_files(stdlib_sources(DATA_BYTES), prefix)

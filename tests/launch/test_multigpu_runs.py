@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_prep.pipeline import prepare_text_files, stdlib_sources
+from data_prep import prepare_text_files, stdlib_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 

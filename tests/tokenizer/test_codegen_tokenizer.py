@@ -4,7 +4,7 @@ the tiktoken fast path against the `tokenizers` reference."""
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep import stdlib_sources
+from molm_megatron.data.corpus import stdlib_sources
 from tokenizer import CODEGEN, EOS_ID, VOCAB_SIZE, load_tokenizer
 from tokenizer.__main__ import main as tokenizer_cli
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep import stdlib_sources
+from molm_megatron.data.corpus import stdlib_sources
 from tokenizer import CODEGEN, codegen_tokenizer, load_tokenizer
 from tokenizer.__main__ import main as tokenizer_cli
 

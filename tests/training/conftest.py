@@ -13,7 +13,7 @@ SMALL_BYTES = 12000
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> str:
-    from data_prep.pipeline import prepare_text_files, stdlib_sources
+    from data_prep import prepare_text_files, stdlib_sources
 
     prefix = tmp_path_factory.mktemp("data") / "stdlib_small"
     prepare_text_files(stdlib_sources(SMALL_BYTES), prefix)

@@ -1,4 +1,7 @@
-"""Input formats: corpus files -> documents, and a record of everything skipped and why.
+"""Corpus readers: corpus files -> documents, and a record of everything skipped and why.
+
+Both `data_prep` (tokenizing into indexed datasets) and `tokenizer` (training on a corpus) read
+their inputs through this module, so the two packages need not import each other.
 
 Formats (`FORMATS`):
 - `pile`: JSON lines, text in `text`, domain in `meta.pile_set_name` (the Pile, Gao et al., 2020).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +305,24 @@ def check_readable(path: Path) -> None:
             open(path, "rb").close()
     except OSError as err:
         raise PermissionError(f"input {path} cannot be read: {err.strerror}") from err
+
+
+def stdlib_sources(max_bytes: Optional[int] = None) -> list[Path]:
+    """The Python standard library's `.py` files (site-packages excluded) in sorted order; with
+    `max_bytes`, the leading ones that fit in it. Real text present on every machine.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    if max_bytes is None:
+        return files
+    chosen, total = [], 0
+    for path in files:
+        size = path.stat().st_size
+        if total + size > max_bytes:
+            break
+        chosen.append(path)
+        total += size
+    return chosen
 
 
 def _document(text: str, source: str, line: int, domain: Optional[str]) -> Record:
