@@ -4,7 +4,8 @@
 tensors (`kernels/stickbreaking.py`, `kernels/scattered_experts.py`) and the PyTorch references
 elsewhere (CPU, and the oracle in tests). `linear_padded_out` is the output layer's cuBLAS
 alignment fix. Nothing on the CUDA path reads a value back to the host, so a layer or the whole
-model can be captured in a CUDA graph (kernels/bench.py does).
+model can be captured in a CUDA graph (`kernels.bench.capture`; benchmarks/model_bench.py captures
+the model).
 """
 
 from __future__ import annotations

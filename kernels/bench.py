@@ -1,24 +1,23 @@
-"""GPU check and benchmarks of the Triton kernels (run on a CUDA machine; see BENCHMARKS.md).
+"""GPU checks and benchmarks of the Triton kernels (run on a CUDA machine; see BENCHMARKS.md).
+
+Kernel level only: the model-level checks and benchmarks (the MoLM model and its layers on these
+kernels) are `python -m benchmarks.model_bench`, which reuses this module's runner and helpers.
 
 Checks (bf16 at product shapes, relative error ||out - ref|| / ||ref|| < 1e-2 against the PyTorch
 references in fp32/fp64; outputs of the kernels poisoned with NaN beforehand; fresh random inputs):
 stick-breaking forward and all gradients (head dims 64/128/256/1024, memory, GQA, key mask,
 cu_seqlens, one-token decoding; truncated and untruncated; ordered and atomic dK/dV, the ordered
 one bitwise reproducible), scattered expert matmuls (forward, dX, dW, gates; the fused gelu_new
-MLP and the unfused composition; per-expert biases and the SwiGLU form on strided weights), the padded-vocabulary output layer, the MoLM model's logits and
-gradients with the kernels against the same model on the references, no host synchronisation in
-a MoA layer's or the model's step, and CUDA-graph replays equal to eager runs on fresh inputs.
+MLP and the unfused composition; per-expert biases and the SwiGLU form on strided weights).
 
-Benchmarks (median of CUDA-event timings after warm-up, bf16, random inputs), the issue's four;
-"graph" rows capture the whole step in a CUDA graph and time its replays (no launch overhead):
+Benchmarks (median of CUDA-event timings after warm-up, bf16, random inputs); "graph" rows capture
+the whole step in a CUDA graph and time its replays (no launch overhead):
 1. stick-breaking fwd+bwd vs torch SDPA (default backend and flash) at B=4, H=12, D=128;
-2. MoLM attention shape (D=1024, 2 query heads over one K/V, 512 queries over 1024 keys, batch 8)
-   vs the PyTorch reference, and the whole MoA layer of molm-350m-4b fwd+bwd, eager and graph;
+2. the attention core at MoLM's shape (D=1024, 2 query heads over one K/V, 512 queries over 1024
+   keys, batch 8) vs the PyTorch reference;
 3. SMoE experts fwd+bwd (E=32, k=2, d=1024, ffd=2048), fused and unfused, eager and graph, vs
    torch grouped mm and a dense MLP of the same active FLOPs, in TFLOP/s of active expert FLOPs;
-4. whole-model forward tokens/s of molm-350m-4b (eager with and without the padded head, graph)
-   vs a Pythia-1.4B-shaped GPT-NeoX (transformers; eager and graph), and a training step
-   (forward + backward, no optimizer) eager and graph.
+plus a profile of the fused experts and, when named, block-shape sweeps.
 
 Usage: python -m kernels.bench [--out DIR] [--skip-check] [--skip-bench] [--only NAME ...]
        [--checks NAME ...] [--budget-s SECONDS]
@@ -261,130 +260,6 @@ def check_expert_forms(N_tokens=4096, E=64, K=16, d=1024, ffd=64, dtype=torch.bf
     return ok
 
 
-def check_lm_head(rows=4096, d=1024, V=50295):
-    """The model's output layer on GPU (padded vocabulary, a strided view of the logits) against
-    F.linear in fp32: logits and both gradients through the model's cross entropy."""
-    from molm_megatron.model.model import LMHead
-
-    head = LMHead(d, V).cuda().to(torch.bfloat16)
-    h = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, V, (rows,), device="cuda")
-    logits = head(h)
-    loss = F.cross_entropy(logits.float().view(-1, V), labels, reduction="sum")
-    grads = torch.autograd.grad(loss, (h, head.weight))
-    hr, wr = h.detach().float().requires_grad_(), head.weight.detach().float().requires_grad_()
-    logits_ref = F.linear(hr, wr)
-    grads_ref = torch.autograd.grad(F.cross_entropy(logits_ref, labels, reduction="sum"), (hr, wr))
-    errs = [rel(logits, logits_ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
-    ok = all(e < 1e-2 for e in errs) and logits.stride(0) == 50304
-    RESULTS["check/lm_head_padded"] = {"errors(logits,dh,dw)": errs, "row_stride": logits.stride(0), "ok": ok}
-    log(f"check lm_head padded: {' '.join(f'{e:.2e}' for e in errs)} stride {logits.stride(0)} -> "
-        f"{'OK' if ok else 'FAIL'}")
-    return ok
-
-
-def use_references():
-    """Context: the model's kernel dispatch points swapped for the PyTorch references."""
-    import contextlib
-
-    import kernels
-
-    @contextlib.contextmanager
-    def swapped():
-        names = ("stickbreaking_attention", "parallel_linear", "scattered_mlp")
-        saved = [getattr(kernels, n) for n in names]
-        for n in names:
-            setattr(kernels, n, getattr(kernels, f"{n}_reference"))
-        try:
-            yield
-        finally:
-            for n, f in zip(names, saved):
-                setattr(kernels, n, f)
-    return swapped()
-
-
-def check_model(preset="tiny", dtype=torch.float32, tol=1e-4, vocab_size=509):
-    """MoLM logits and gradients with the kernels equal the same model on the references (vocab
-    509 so the padded output layer runs)."""
-    import dataclasses
-
-    from molm_megatron.config import model_preset
-    from molm_megatron.model import MoLM
-
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(model_preset(preset), vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
-    model = MoLM(cfg).cuda().to(dtype)
-    ids = torch.randint(0, cfg.vocab_size, (2, 48), device="cuda")
-    mask = torch.ones(2, 48, device="cuda", dtype=torch.long)
-    mask[1, :5] = 0
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(ids, labels=ids, attention_mask=mask)
-        out2 = model(ids, labels=ids, memory=out.memory)  # Transformer-XL memory path
-        (out.loss + out2.loss).backward()
-        grads = torch.cat([p.grad.float().reshape(-1) for p in model.parameters() if p.grad is not None])
-        return torch.cat([out.logits.float().reshape(-1), out2.logits.float().reshape(-1)]), grads
-
-    logits, grads = run()
-    with use_references():
-        logits_ref, grads_ref = run()
-    errs = [rel(logits, logits_ref), rel(grads, grads_ref)]
-    ok = all(e < tol for e in errs)
-    RESULTS[f"check/model_{preset}_{dtype}"] = {"errors(logits,grads)": errs, "ok": ok}
-    log(f"check model {preset} {dtype}: logits {errs[0]:.2e} grads {errs[1]:.2e} -> {'OK' if ok else 'FAIL'}")
-    return ok
-
-
-def check_graphs_and_syncs():
-    """A MoA layer's fwd+bwd and a whole model's training step (forward, losses, backward): no
-    host sync, and their CUDA-graph replays equal eager runs on fresh inputs."""
-    import dataclasses
-
-    from molm_megatron.config import model_preset
-    from molm_megatron.model import MoA, MoLM
-
-    results = []
-    cfg = model_preset("molm-350m-4b")
-    with torch.device("cuda"):
-        layer = MoA(cfg).to(torch.bfloat16)
-    x = torch.randn(8, 512, cfg.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    mem = tuple(torch.randn(8, 512, 1, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    dy = torch.randn_like(x)
-    params = [x] + list(layer.parameters())
-
-    def moa_step():
-        return torch.autograd.grad(layer(x, None, None, mem, 512)[0], params, dy)
-
-    moa_step()
-    results.append(check_no_sync("moa_layer_fwd_bwd", moa_step))
-    results.append(check_graph_replay("moa_layer_fwd_bwd", moa_step, lambda: x.data.copy_(torch.randn_like(x))))
-    del layer, params
-
-    # The tiny model in fp32 (its kernels are compiled by check_model already), vocab 509 so the
-    # padded head runs: every path of the big model, loss and aux losses included.
-    small = dataclasses.replace(model_preset("tiny"), vocab_size=509, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(1)
-    with torch.device("cuda"):
-        model = MoLM(small)
-    ids = torch.randint(0, small.vocab_size, (4, 256), device="cuda")
-    mask = torch.ones(4, 256, device="cuda", dtype=torch.long)
-    mask[1, :7] = 0
-    mparams = list(model.parameters())
-
-    def train_step():
-        out = model(ids, labels=ids, attention_mask=mask)
-        return (out.loss.detach(), *torch.autograd.grad(out.loss, mparams))
-
-    def refresh():
-        ids.copy_(torch.randint_like(ids, small.vocab_size))
-
-    train_step()
-    results.append(check_no_sync("model_train_step", train_step))
-    results.append(check_graph_replay("model_train_step", train_step, refresh, tol=1e-4))
-    return all(results)
-
-
 SB_CHECKS = {
     "d128_T1024": dict(B=2, H=4, G=4, T=1024, S=1024, D=128),
     "d128_T1024_untruncated": dict(B=2, H=4, G=4, T=1024, S=1024, D=128, truncate=math.inf),
@@ -397,37 +272,39 @@ SB_CHECKS = {
     "d128_fp16": dict(B=2, H=4, G=4, T=512, S=512, D=128, dtype=torch.float16),
     "d64_fp32": dict(B=1, H=2, G=1, T=256, S=300, D=64, dtype=torch.float32, tol=1e-4),
 }
-OTHER_CHECKS = ("sb_reproducible", "experts", "expert_forms", "lm_head", "model_fp32", "model_bf16", "graphs")
 
 
-def run_checks(deterministic_ok: bool, names: list[str] | None) -> None:
-    """The checks named (default all: SB_CHECKS keys and OTHER_CHECKS), each isolated."""
-    names = names or [*SB_CHECKS, *OTHER_CHECKS]
-    others = {
-        "sb_reproducible": (check_sb_reproducible, ()),
-        "experts": (check_experts, ()),
-        "expert_forms": (check_expert_forms, ()),
-        "lm_head": (check_lm_head, ()),
-        "model_fp32": (check_model, ("tiny", torch.float32)),
-        "model_bf16": (check_model, ("tiny", torch.bfloat16, 2e-2)),
-        "graphs": (check_graphs_and_syncs, ()),
-    }
+def _sb_check(name: str, kw: dict) -> Callable[[bool], bool]:
+    def run(deterministic_ok: bool) -> bool:
+        args = dict(kw)
+        if not deterministic_ok:
+            args.setdefault("deterministic", False)
+        return check_sb(name, **args)
+    return run
+
+
+# Checks by name: each takes whether the ordered backward is usable and returns pass/fail, or None
+# when it does not apply.
+CHECKS: dict[str, Callable[[bool], bool | None]] = {
+    **{name: _sb_check(name, kw) for name, kw in SB_CHECKS.items()},
+    "sb_reproducible": lambda deterministic_ok: check_sb_reproducible() if deterministic_ok else None,
+    "experts": lambda deterministic_ok: check_experts(),
+    "expert_forms": lambda deterministic_ok: check_expert_forms(),
+}
+
+
+def run_checks(checks: dict[str, Callable[[bool], bool | None]], deterministic_ok: bool,
+               names: list[str] | None) -> None:
+    """The checks named (default all of `checks`), each isolated: one that raises counts as failed."""
     results = []
-    for name in names:
+    for name in names or checks:
         if time.time() > DEADLINE:
             log(f"check {name} skipped: time budget spent")
             continue
         try:
-            if name in SB_CHECKS:
-                kw = dict(SB_CHECKS[name])
-                if not deterministic_ok:
-                    kw.setdefault("deterministic", False)
-                results.append(check_sb(name, **kw))
-            elif name == "sb_reproducible" and not deterministic_ok:
-                continue
-            else:
-                fn, args = others[name]
-                results.append(fn(*args))
+            ok = checks[name](deterministic_ok)
+            if ok is not None:
+                results.append(ok)
         except Exception:
             log(f"check {name} raised:\n{traceback.format_exc()}")
             results.append(False)
@@ -520,40 +397,6 @@ def bench_molm_attention(deterministic: bool):
     log("bench2 attention core: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
 
-def bench_moa_layer():
-    """The whole MoA layer of molm-350m-4b (router, 16 query/output experts top-2, attention over
-    512 queries + 512 memory keys, batch 8): eager, CUDA graph, and eager on the references."""
-    from molm_megatron.config import model_preset
-    from molm_megatron.model import MoA
-
-    B, T = 8, 512
-    cfg = model_preset("molm-350m-4b")
-    with torch.device("cuda"):
-        layer = MoA(cfg).to(torch.bfloat16)
-    x = torch.randn(B, T, cfg.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    mem = tuple(torch.randn(B, 512, 1, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    dy = torch.randn(B, T, cfg.n_embd, device="cuda", dtype=torch.bfloat16)
-    params = [x] + list(layer.parameters())
-
-    def fwd():
-        return layer(x, None, None, mem, 512)[0]
-
-    def step():
-        return torch.autograd.grad(fwd(), params, dy)
-
-    row = {"moa_fwd_ms": bench(fwd), "moa_fwdbwd_ms": bench(step)}
-    graph, _ = capture(step)
-    row["moa_fwdbwd_graph_ms"] = bench(graph.replay)
-    del graph
-    graph, _ = capture(fwd)
-    row["moa_fwd_graph_ms"] = bench(graph.replay)
-    del graph
-    with use_references():
-        row["moa_references_fwdbwd_ms"] = bench(step, rep_ms=100)
-    RESULTS["bench2/moa_layer"] = row
-    log("bench2 MoA layer: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-
-
 def bench_experts(sizes=(8192, 32768)):
     """SMoE experts fwd+bwd: fused and unfused Triton, eager and graph, vs torch grouped mm and a
     dense MLP of the same active FLOPs."""
@@ -621,103 +464,6 @@ def bench_experts(sizes=(8192, 32768)):
         log(f"bench3 N={N}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
 
-def bench_model():
-    """Whole-model forward (inference) tokens/s, batch 64 x 512: molm-350m-4b eager with the
-    padded head, eager with the plain nn.Linear head, and as a CUDA graph; Pythia-1.4B shape eager
-    (as a graph in bench_pythia_graph)."""
-    from molm_megatron.config import model_preset
-    from molm_megatron.model import MoLM
-    from molm_megatron.model.model import LMHead
-
-    B, T = 64, 512
-    ids = torch.randint(0, 50000, (B, T), device="cuda")
-    row = {}
-    cfg = model_preset("molm-350m-4b")
-    with torch.device("cuda"):
-        model = MoLM(cfg).to(torch.bfloat16).eval()
-    with torch.inference_mode():
-        row["molm_tokens_per_s"] = B * T / bench(lambda: model(ids), warmup_ms=200, rep_ms=600) * 1e3
-        padded_forward = LMHead.forward
-        LMHead.forward = torch.nn.Linear.forward
-        try:
-            row["molm_unpadded_head_tokens_per_s"] = B * T / bench(lambda: model(ids), rep_ms=600) * 1e3
-        finally:
-            LMHead.forward = padded_forward
-        try:
-            graph, _ = capture(lambda: model(ids).logits)
-            row["molm_graph_tokens_per_s"] = B * T / bench(graph.replay, rep_ms=600) * 1e3
-            del graph
-        except Exception as e:
-            log(f"bench4 molm graph failed: {type(e).__name__}: {str(e)[:300]}")
-    del model
-    torch.cuda.empty_cache()
-    neox = _pythia_shape()
-    with torch.inference_mode():
-        row["pythia_tokens_per_s"] = B * T / bench(lambda: neox(ids, use_cache=False), warmup_ms=200,
-                                                   rep_ms=600) * 1e3
-    del neox
-    torch.cuda.empty_cache()
-    row["ratio_eager"] = row["molm_tokens_per_s"] / row["pythia_tokens_per_s"]
-    if "molm_graph_tokens_per_s" in row:
-        row["ratio_molm_graph_vs_pythia_eager"] = row["molm_graph_tokens_per_s"] / row["pythia_tokens_per_s"]
-    RESULTS["bench4/model_forward"] = row
-    log("bench4: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-
-
-def _pythia_shape():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    ncfg = GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                         intermediate_size=8192, rotary_pct=0.25, max_position_embeddings=2048,
-                         use_parallel_residual=True)
-    ncfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        return GPTNeoXForCausalLM(ncfg).to(torch.bfloat16).eval()
-
-
-def bench_pythia_graph(B: int = 64, T: int = 512):
-    """The Pythia-1.4B-shaped baseline captured in a CUDA graph too (fairness of the ratio). Last
-    in the default order: a failed capture of third-party code must not disturb the rest."""
-    neox = _pythia_shape()
-    ids = torch.randint(0, 50000, (B, T), device="cuda")
-    with torch.inference_mode():
-        graph, _ = capture(lambda: neox(ids, use_cache=False).logits)
-        tps = B * T / bench(graph.replay, rep_ms=600) * 1e3
-    row = RESULTS.setdefault("bench4/model_forward", {})
-    row["pythia_graph_tokens_per_s"] = tps
-    if "molm_graph_tokens_per_s" in row:
-        row["ratio_both_graph"] = row["molm_graph_tokens_per_s"] / tps
-    log(f"bench4 pythia graph: {tps:.0f} tokens/s")
-
-
-def bench_train_step(B: int = 8, T: int = 512):
-    """molm-350m-4b training step without the optimizer (forward with losses, backward to every
-    parameter), batch 8 x 512 with 512 memory tokens: eager and as a CUDA graph."""
-    from molm_megatron.config import model_preset
-    from molm_megatron.model import MoLM
-
-    cfg = model_preset("molm-350m-4b")
-    with torch.device("cuda"):
-        model = MoLM(cfg).to(torch.bfloat16)
-    ids = torch.randint(0, 50000, (B, T), device="cuda")
-    with torch.no_grad():
-        memory = model(ids).memory
-    params = list(model.parameters())
-
-    def step():
-        out = model(ids, labels=ids, memory=memory)
-        return (out.loss.detach(), *torch.autograd.grad(out.loss, params))
-
-    row = {"eager_ms": bench(step, rep_ms=500)}
-    row["eager_tokens_per_s"] = B * T / row["eager_ms"] * 1e3
-    RESULTS["bench4/train_step"] = row
-    graph, _ = capture(step)
-    row["graph_ms"] = bench(graph.replay, rep_ms=500)
-    del graph
-    row["graph_tokens_per_s"] = B * T / row["graph_ms"] * 1e3
-    log("bench4 train step: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-
-
 def bench_sb1024_plans():
     """Forward block shapes for D=1024 at the inference shape (64 x 2 heads x 512, no memory):
     the default plan recomputes the scores per 256-wide output slice."""
@@ -767,17 +513,26 @@ def det_probe() -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench", description: str = __doc__,
+         checks: dict[str, Callable[[bool], bool | None]] = CHECKS,
+         steps: dict[str, tuple[Callable, bool]] | None = None, sweeps: tuple[str, ...] | None = None,
+         default_out: str = "outputs/kernel_bench") -> int:
+    """The command line of a GPU check-and-benchmark program: the kernels' own (defaults), or the
+    model's (benchmarks.model_bench passes its checks and benchmarks)."""
     global LOG, DEADLINE
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "outputs/kernel_bench"),
-                        help="folder for bench.log and results.json (default $OUT)")
+    steps = STEPS if steps is None else steps
+    sweeps = SWEEPS if sweeps is None else sweeps
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", default_out),
+                        help=f"folder for bench.log and results.json (default $OUT, else {default_out})")
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--skip-bench", action="store_true", help="skip the benchmarks")
     parser.add_argument("--checks", nargs="*", default=None,
-                        help=f"checks to run (default all): {', '.join([*SB_CHECKS, *OTHER_CHECKS])}")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help=f"benchmarks to run, in this order (default all but the plan sweeps plans, plans1024): {', '.join(STEPS)}")
+                        help=f"checks to run (default all): {', '.join(checks)}")
+    only_help = "benchmarks to run, in this order (default all" + (
+        f" but the sweeps {', '.join(sweeps)}" if sweeps else "") + f"): {', '.join(steps)}"
+    parser.add_argument("--only", nargs="*", default=None, help=only_help)
     parser.add_argument("--budget-s", type=float, default=math.inf,
                         help="wall-clock seconds after which remaining checks and benchmarks are skipped "
                              "(the summary table is still printed)")
@@ -785,11 +540,15 @@ def main() -> int:
                         help="skip the child-process probe that the ordered dK/dV backward terminates "
                              "(saves its compile time once it has passed on the device)")
     parser.add_argument("--det-probe", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, given, known in (("--checks", args.checks, checks), ("--only", args.only, steps)):
+        unknown = [name for name in given or () if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     if args.det_probe:
         return det_probe()
     if not torch.cuda.is_available():
-        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+        print(f"{prog} needs a CUDA GPU", file=sys.stderr)
         return 2
     DEADLINE = time.time() + args.budget_s
     os.makedirs(args.out, exist_ok=True)
@@ -813,15 +572,15 @@ def main() -> int:
         log("deterministic probe skipped (--no-det-probe)")
     RESULTS["deterministic_backward_usable"] = det_ok
     if not args.skip_check:
-        run_checks(det_ok, args.checks)
+        run_checks(checks, det_ok, args.checks)
         save_results(args.out)
     if not args.skip_bench:
-        only = args.only if args.only else [name for name in STEPS if name not in ("plans", "plans1024")]
+        only = args.only if args.only else [name for name in steps if name not in sweeps]
         for name in only:
             if time.time() > DEADLINE:
                 log(f"bench {name} skipped: time budget spent")
                 continue
-            fn, needs_det = STEPS[name]
+            fn, needs_det = steps[name]
             t0 = time.time()
             try:
                 fn(det_ok) if needs_det else fn()
@@ -841,8 +600,8 @@ def save_results(out: str) -> None:
     os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
 
 
-def profile_experts_and_model():
-    """Kernel time breakdown of the fused experts fwd+bwd at N=32768 and of molm-350m-4b's forward."""
+def profile_experts():
+    """Kernel time breakdown of the fused experts fwd+bwd at N=32768."""
     import kernels
     from kernels.scattered_experts import scattered_mlp_triton
 
@@ -855,32 +614,19 @@ def profile_experts_and_model():
     dy = torch.randn(N, 1024, device="cuda", dtype=torch.bfloat16)
     profile_top(lambda: torch.autograd.grad(scattered_mlp_triton(x, w1, w2, K, kernels.route(idx, E), gates),
                                             (x, w1, w2, gates), dy), "fused experts fwd+bwd N=32768")
-    del x, w1, w2
-    if time.time() > DEADLINE:
-        return
-    from molm_megatron.config import model_preset
-    from molm_megatron.model import MoLM
-
-    with torch.device("cuda"):
-        model = MoLM(model_preset("molm-350m-4b")).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 50000, (64, 512), device="cuda")
-    with torch.inference_mode():
-        profile_top(lambda: model(ids), "molm-350m-4b forward, batch 64 x 512", rows=20)
 
 
-# Benchmarks by name: (function, whether it takes the deterministic-backward flag).
+# Benchmarks by name, in their default order: (function, whether it takes the deterministic-backward
+# flag). The block-shape sweeps run only when named (--only).
 STEPS = {
     "experts": (bench_experts, False),
-    "moa_layer": (bench_moa_layer, False),
-    "model": (bench_model, False),
-    "train": (bench_train_step, False),
-    "profile": (profile_experts_and_model, False),
-    "pythia_graph": (bench_pythia_graph, False),
+    "profile": (profile_experts, False),
     "plans1024": (bench_sb1024_plans, False),
     "sb": (bench_sb_vs_sdpa, True),
     "molm_attn": (bench_molm_attention, True),
     "plans": (bench_sb_plans, False),
 }
+SWEEPS = ("plans", "plans1024")
 
 
 def print_table():

@@ -1,0 +1,2 @@
+"""Model-level GPU checks and benchmarks (`python -m benchmarks.model_bench`); the kernels' own are
+in `kernels.bench`, and training throughput is `python -m molm_megatron.training.benchmark`."""
