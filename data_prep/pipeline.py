@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from molm_megatron.data.corpus import FORMATS, Document, InputReader, Skipped, check_readable
 from tokenizer.loading import TextTokenizer, load_tokenizer
@@ -284,6 +283,9 @@ class _Writer:
         self.prefix = prefix
         self.tmp_bin = prefix.with_name(prefix.name + ".bin.tmp")
         self.tmp_idx = prefix.with_name(prefix.name + ".idx.tmp")
+        # Imported here: megatron-core takes seconds to import, which `--help` and a reused job skip.
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
         self.builder = IndexedDatasetBuilder(str(self.tmp_bin), dtype=dtype)
         self.documents = 0
         self.tokens = 0
