@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from data_prep.pipeline import PrepConfig, Summary, prepare
+from data_prep.pipeline import PrepConfig, prepare
 from molm_megatron.data.corpus import FORMATS
 
 EPILOG = """\
@@ -24,7 +24,10 @@ examples:
 
 Skipped inputs (malformed JSON, missing field, invalid UTF-8, empty document, truncated or corrupt
 .zst/.xz/.gz) are counted and listed with file and line in <prefix>.skipped.tsv. A rerun skips jobs
-whose <prefix>.summary.json exists with the same settings and inputs.
+whose <prefix>.summary.json exists with the same settings and inputs and whose outputs still have
+the sizes and SHA-256 it records. With --split-by-domain each domain's output is <prefix>_<name>,
+the name lower-case with other characters made "_" ("Wikipedia (en)" -> <prefix>_wikipedia_en).
+A job that finds no document at all fails (exit 2) naming its inputs.
 """
 
 
@@ -72,14 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     inputs, output_dir, output_prefix = args.pop("input"), args.pop("output_dir"), args.pop("output_prefix")
     jobs = [(inputs, output_prefix)] if output_prefix else [([p], output_dir / _stem(p)) for p in inputs]
     try:
-        summaries: list[Summary] = [prepare(PrepConfig(inputs=i, output_prefix=o, **args)) for i, o in jobs]
+        # Each job logs its summary once (prepare's last line), reused or not.
+        for i, o in jobs:
+            prepare(PrepConfig(inputs=i, output_prefix=o, **args))
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for summary in summaries:
-        print(("reused finished run: " if summary.reused else "") + summary.line())
-        if summary.skipped:
-            print(f"  skipped inputs are listed in {summary.skip_log}")
     return 0
 
 

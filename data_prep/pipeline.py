@@ -8,24 +8,33 @@ does not depend on the number of workers (byte for byte; tests/data_prep checks 
 
 Files of a finished job, for output prefix P:
 - `P.bin`, `P.idx`: the indexed dataset (uint16 tokens when the vocabulary fits, else int32);
-  with `split_by_domain`, `P_<domain>.bin/.idx` per domain instead.
+  with `split_by_domain`, `P_<domain>.bin/.idx` per domain instead, the domain's name cleaned
+  ("Wikipedia (en)" -> `P_wikipedia_en`; the summary lists the mapping).
 - `P.json` (per dataset prefix): documents, tokens, dtype, vocab size, end-of-document id, tokenizer.
 - `P.skipped.tsv`: one line per skipped input: file, line, reason, detail.
-- `P.summary.json`: the job's totals and settings; written last, it marks the job finished.
+- `P.summary.json`: the job's totals, settings, and the size and SHA-256 of every file above;
+  written last, it marks the job finished.
 
 Atomicity: everything is written under a `.tmp` name and renamed when complete. Before renaming,
 the old `.idx` is removed, so at every instant a `.bin/.idx` pair with final names is complete and
 consistent; the summary is removed when a job starts and written after every rename. A rerun skips
-a job whose summary exists with the same settings and inputs, and redoes any other.
+a job whose summary exists with the same settings and inputs and whose files still have their
+recorded sizes and checksums, and redoes any other (saying which file differs). A job that finds
+no document fails with an error naming its inputs (megatron-core cannot open an empty dataset).
+Worker processes die with the job's process, even when it is killed with SIGKILL (Linux).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import hashlib
 import json
 import logging
 import os
 import re
+import signal
+import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -95,6 +104,10 @@ class Summary:
     """Skipped inputs per reason (molm_megatron.data.corpus.REASONS)."""
     outputs: list[str] = field(default_factory=list)
     """Dataset prefixes written."""
+    domains: dict[str, str] = field(default_factory=dict)
+    """With split_by_domain: each domain as it appears in the input -> its output prefix."""
+    files: dict[str, dict] = field(default_factory=dict)
+    """Every file the job wrote -> {"bytes": size, "sha256": hex digest}; a rerun checks them."""
     skip_log: str = ""
     seconds: float = 0.0
     reused: bool = False
@@ -102,8 +115,13 @@ class Summary:
 
     def line(self) -> str:
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
-        return (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.text_bytes / 1e6:,.1f} MB of text "
+        line = (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.text_bytes / 1e6:,.1f} MB of text "
                 f"in {self.seconds:.1f} s; skipped: {skipped}; outputs: {', '.join(self.outputs)}")
+        if self.domains:
+            line += "; domains: " + ", ".join(f"{d!r} -> {Path(p).name}" for d, p in sorted(self.domains.items()))
+        if self.skipped:
+            line += f"; skipped inputs are listed in {self.skip_log}"
+        return line
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -122,7 +140,7 @@ def prepare(config: PrepConfig) -> Summary:
     summary_path = Path(str(prefix) + SUMMARY_SUFFIX)
     finished = _finished(summary_path, fingerprint)
     if finished is not None:
-        log.info("%s is finished already (same settings and inputs); skipping", prefix)
+        log.info("reused finished run (same settings, inputs and output files): %s", finished.line())
         return finished
     # From here on the old outputs no longer count as finished.
     summary_path.unlink(missing_ok=True)
@@ -130,6 +148,7 @@ def prepare(config: PrepConfig) -> Summary:
     start = time.monotonic()
     dtype = token_dtype(tok.vocab_size)
     writers: dict[Optional[str], _Writer] = {}
+    names = _DomainNames(prefix)
     summary = Summary(skip_log=str(prefix) + ".skipped.tsv")
     skip_log = _TempFile(Path(summary.skip_log))
     skip_log.handle.write("file\tline\treason\tdetail\n")
@@ -142,18 +161,29 @@ def prepare(config: PrepConfig) -> Summary:
             for i, domain in enumerate(domains):
                 key = domain if config.split_by_domain else None
                 if key not in writers:
-                    writers[key] = _Writer(_output_prefix(prefix, key), dtype)
+                    writers[key] = _Writer(prefix if key is None else names.prefix(key), dtype)
                 writers[key].add(tokens[offsets[i]:offsets[i + 1]])
             summary.documents += len(domains)
             summary.tokens += int(offsets[-1])
             progress.update(summary)
         summary.seconds = time.monotonic() - start
+        if summary.documents == 0:
+            # megatron-core cannot open an empty .bin (mmap of an empty file), so there is no valid
+            # empty output: refuse, keeping the skip log that says why nothing was read.
+            skip_log.finish()
+            skipped = ", ".join(f"{n} {r}" for r, n in sorted(summary.skipped.items()))
+            raise ValueError(f"no documents in {', '.join(str(p) for p in config.inputs)}"
+                             + (f" (skipped: {skipped}; listed in {summary.skip_log})" if skipped else
+                                " (empty or only whitespace)") + f"; nothing written for {prefix}")
         meta = {"vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "tokenizer": tok.description,
                 "dtype": np.dtype(dtype).name}
         for key, writer in sorted(writers.items(), key=lambda kv: str(kv[0])):
-            writer.finish({**meta, "domain": key})
+            summary.files.update(writer.finish({**meta, "domain": key}))
             summary.outputs.append(str(writer.prefix))
+            if key is not None:
+                summary.domains[key] = str(writer.prefix)
         skip_log.finish()
+        summary.files[str(skip_log.path)] = _file_record(skip_log.path)
         _write_json_atomic(summary_path, {"fingerprint": fingerprint, "summary": asdict(summary)})
     finally:
         for writer in writers.values():
@@ -198,6 +228,28 @@ def _init_tokenizer(name: str, backend: str) -> None:
     _TOKENIZER = load_tokenizer(name, backend)
 
 
+def _init_worker(name: str, backend: str, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    _init_tokenizer(name, backend)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when its parent dies, however it dies (SIGKILL included,
+    where the pool's own shutdown never runs and each idle worker would otherwise hold its tokenizer
+    in memory for good). Linux's prctl(PR_SET_PDEATHSIG); elsewhere nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("worker %d: prctl(PR_SET_PDEATHSIG) failed (errno %d); it may outlive its parent",
+                    os.getpid(), ctypes.get_errno())
+    # The parent may have died before the prctl call took effect: then we are an orphan already.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ids of every text followed by the end-of-document id, concatenated; and the lengths."""
     assert _TOKENIZER is not None
@@ -237,8 +289,10 @@ def _tokenized_chunks(docs: Iterable[Document], config: PrepConfig) -> Iterator[
     # At most 2 tasks per worker in flight: workers stay busy while reading and memory stays
     # bounded (Pool.imap would read the whole input ahead).
     pending: collections.deque[tuple[list, Future]] = collections.deque()
-    with ProcessPoolExecutor(config.workers, initializer=_init_tokenizer,
-                             initargs=(config.tokenizer, config.backend)) as pool:
+    # The death signal fires when the thread that started a worker exits: the pool starts its
+    # workers from this (the calling) thread, which lives as long as the job.
+    with ProcessPoolExecutor(config.workers, initializer=_init_worker,
+                             initargs=(config.tokenizer, config.backend, os.getpid())) as pool:
         for domains, texts in _chunks(docs, config.chunk_bytes):
             pending.append((domains, pool.submit(_tokenize, texts)))
             if len(pending) >= 2 * config.workers:
@@ -252,11 +306,26 @@ def _tokenized_chunks(docs: Iterable[Document], config: PrepConfig) -> Iterator[
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _output_prefix(prefix: Path, domain: Optional[str]) -> Path:
-    if domain is None:
-        return prefix
-    # "Pile-CC", "PubMed Central", "Ubuntu IRC" -> Pile-CC, PubMed_Central, Ubuntu_IRC.
-    return prefix.with_name(f"{prefix.name}_{re.sub(r'[^A-Za-z0-9._-]+', '_', domain)}")
+class _DomainNames:
+    """Output prefixes per domain: `<prefix>_<clean name>`, the name lower-case with every run of
+    other characters than letters and digits made one `_` ("Wikipedia (en)" -> wikipedia_en,
+    "Pile-CC" -> pile_cc, "PubMed Central" -> pubmed_central). Two domains that clean to the same
+    name, or a name with nothing left, get the first 8 hex digits of the domain's SHA-1 appended,
+    so no two domains ever share an output.
+    """
+
+    def __init__(self, prefix: Path) -> None:
+        self.base = prefix
+        self.names: dict[str, str] = {}
+
+    def prefix(self, domain: str) -> Path:
+        if domain not in self.names:
+            name = re.sub(r"[^a-z0-9]+", "_", domain.lower()).strip("_")
+            if not name or name in self.names.values():
+                digest = hashlib.sha1(domain.encode("utf-8")).hexdigest()[:8]
+                name = f"{name}_{digest}" if name else digest
+            self.names[domain] = name
+        return self.base.with_name(f"{self.base.name}_{self.names[domain]}")
 
 
 class _TempFile:
@@ -287,6 +356,11 @@ class _Writer:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.builder = IndexedDatasetBuilder(str(self.tmp_bin), dtype=dtype)
+        self.dtype = dtype
+        # The .bin is the documents' tokens back to back in `dtype`: hashed as they are added, so a
+        # multi-GB file is not read back to checksum it.
+        self.bin_hash = hashlib.sha256()
+        self.bin_bytes = 0
         self.documents = 0
         self.tokens = 0
         self.finished = False
@@ -294,27 +368,46 @@ class _Writer:
     def add(self, tokens: np.ndarray) -> None:
         # One sequence per document: the layout GPTDataset expects.
         self.builder.add_document(tokens, [len(tokens)])
+        data = np.asarray(tokens, dtype=self.dtype).tobytes(order="C")
+        self.bin_hash.update(data)
+        self.bin_bytes += len(data)
         self.documents += 1
         self.tokens += len(tokens)
 
-    def finish(self, meta: dict) -> None:
+    def finish(self, meta: dict) -> dict[str, dict]:
+        """Rename into place; returns the records ({path: {bytes, sha256}}) of the files written."""
         self.builder.finalize(str(self.tmp_idx))
         _fsync(self.tmp_bin)
         _fsync(self.tmp_idx)
+        assert self.tmp_bin.stat().st_size == self.bin_bytes, "the .bin is not the tokens hashed"
         final_bin, final_idx = Path(f"{self.prefix}.bin"), Path(f"{self.prefix}.idx")
         # Remove the old index first: a new .bin beside an old .idx must never be visible.
         final_idx.unlink(missing_ok=True)
         os.replace(self.tmp_bin, final_bin)
         os.replace(self.tmp_idx, final_idx)
-        _write_json_atomic(Path(f"{self.prefix}.json"),
-                           {**meta, "documents": self.documents, "tokens": self.tokens})
+        final_json = Path(f"{self.prefix}.json")
+        _write_json_atomic(final_json, {**meta, "documents": self.documents, "tokens": self.tokens})
         self.finished = True
+        return {str(final_bin): {"bytes": self.bin_bytes, "sha256": self.bin_hash.hexdigest()},
+                str(final_idx): _file_record(final_idx), str(final_json): _file_record(final_json)}
 
     def discard(self) -> None:
         if not self.finished:
             self.builder.data_file.close()
             self.tmp_bin.unlink(missing_ok=True)
             self.tmp_idx.unlink(missing_ok=True)
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -361,8 +454,22 @@ def _finished(summary_path: Path, fingerprint: dict) -> Optional[Summary]:
         log.info("%s: settings or inputs changed since the finished run; redoing it", summary_path)
         return None
     summary = Summary(**saved["summary"])
-    if not all(Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file() for p in summary.outputs):
+    if not summary.files:
+        log.info("%s records no output sizes and checksums (an older version wrote it); redoing the job",
+                 summary_path)
         return None
+    for name, record in sorted(summary.files.items()):
+        path = Path(name)
+        if not path.is_file():
+            log.warning("%s is missing since the finished run; redoing the job", path)
+            return None
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            log.warning("%s has %d bytes, the finished run wrote %d; redoing the job", path, size, record["bytes"])
+            return None
+        if _sha256(path) != record["sha256"]:
+            log.warning("%s changed since the finished run (SHA-256 differs); redoing the job", path)
+            return None
     summary.reused = True
     return summary
 

@@ -71,11 +71,18 @@ Record = Document | Skipped
 
 
 class InputDamaged(Exception):
-    """A compressed stream ended early or is corrupt; carries the REASONS entry."""
+    """A compressed stream ended early or is corrupt; carries the REASONS entry.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    `after_complete_stream`: the damage starts right after the end of a complete compressed
+    stream (garbage appended to a finished `.xz`/`.zst`/`.gz`), so everything decompressed before it
+    is whole, its last line and last document included.
+    """
+
+    def __init__(self, reason: str, detail: str, after_complete_stream: bool = False) -> None:
         super().__init__(detail)
         self.reason = reason
+        self.after_complete_stream = after_complete_stream
+        self.line = 0
 
 
 class InputReader:
@@ -125,7 +132,10 @@ class InputReader:
                     try:
                         out = decomp.decompress(chunk)
                     except (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError) as err:
-                        raise InputDamaged("corrupt_input", f"{type(err).__name__}: {err}") from err
+                        # `fed` is False while a fresh decompressor has accepted nothing yet: the
+                        # bad bytes follow a stream that ended cleanly (or start the file).
+                        raise InputDamaged("corrupt_input", f"{type(err).__name__}: {err}",
+                                           after_complete_stream=not fed) from err
                     fed = True
                     if out:
                         yield out
@@ -148,14 +158,19 @@ class InputReader:
                     lineno += 1
                     yield lineno, line
         except InputDamaged as err:
-            # The partial line before the damage is dropped with the rest of the file.
+            if err.after_complete_stream and rest:
+                # The stream before the damage is whole: its last line is complete without a newline.
+                lineno += 1
+                yield lineno, rest
+            # Otherwise the partial line before the damage is dropped with the rest of the file.
             err.line = lineno + 1
             raise
         if rest:
             yield lineno + 1, rest
 
     def _damaged(self, err: InputDamaged) -> Skipped:
-        return Skipped(str(self.path), err.line, err.reason, f"{err}; the rest of the file is skipped")
+        where = "after a complete stream" if err.after_complete_stream else "inside a stream"
+        return Skipped(str(self.path), err.line, err.reason, f"{err} ({where}); the rest of the file is skipped")
 
     # --- formats ------------------------------------------------------------------------
 
@@ -213,7 +228,13 @@ class InputReader:
                     bad = bad or Skipped(source, lineno, "invalid_utf8", f"byte {err.start} of the line; document from line {start} skipped")
                     lines.append("")
         except InputDamaged as err:
-            # The document being read when the damage hit is incomplete: dropped with the rest.
+            # The document being read when the damage hit is dropped with the rest, unless the damage
+            # follows a complete stream: then that document is complete too.
+            if err.after_complete_stream:
+                if bad is not None:
+                    yield bad
+                elif lines:
+                    yield _document("\n".join(lines), source, start, None)
             yield self._damaged(err)
             return
         if bad is not None:
@@ -229,16 +250,23 @@ class InputReader:
                 parts.append(chunk)
         except InputDamaged as err:
             err.line = sum(p.count(b"\n") for p in parts) + 1
-            yield self._damaged(err)
-            return
+            if not err.after_complete_stream:
+                yield self._damaged(err)
+                return
+            # The whole compressed stream was read before the damage: it is the document.
+            damage = self._damaged(err)
+        else:
+            damage = None
         data = b"".join(parts)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             line = data.count(b"\n", 0, err.start) + 1
             yield Skipped(source, line, "invalid_utf8", f"byte {err.start} of the file")
-            return
-        yield _document(text, source, 1, None)
+        else:
+            yield _document(text, source, 1, None)
+        if damage is not None:
+            yield damage
 
     def _read_table(self, columns: list[str], num_rows: int, batches: Iterator[dict[str, list]]) -> Iterator[Record]:
         source = str(self.path)

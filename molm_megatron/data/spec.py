@@ -17,11 +17,13 @@ megatron-core's `GPTDataset`s (`build_megatron_datasets`) and for the Transforme
 from __future__ import annotations
 
 import json
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import yaml
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -30,6 +32,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import DType
 
 SPLITS = ("train", "valid", "test")
 
@@ -89,6 +92,43 @@ def load_data_spec(path: str | Path) -> DataSpec:
     return DataSpec(prefixes, weights, str(raw.get("split", "98,1,1")))
 
 
+# megatron-core's .idx header: magic, version, dtype code, sequence count, document count; then
+# int32 sequence lengths, int64 sequence pointers (byte offsets into the .bin), int64 document indices.
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def check_indexed_files(prefix: str) -> None:
+    """The `.idx` of `prefix` is whole and its `.bin` holds exactly the tokens the index describes.
+
+    Reads only the header and the last entry (cheap for any size); a truncated or swapped file
+    raises ValueError naming it, instead of failing on some read in the middle of training.
+    """
+    idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
+    idx_size = idx_path.stat().st_size
+    with open(idx_path, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+        if len(head) < _IDX_HEADER.size or not head.startswith(_IDX_MAGIC):
+            raise ValueError(f"{idx_path}: not a megatron-core index (bad header or truncated to {idx_size} bytes)")
+        _, _, code, num_sequences, num_documents = _IDX_HEADER.unpack(head)
+        expected_idx = _IDX_HEADER.size + num_sequences * (4 + 8) + num_documents * 8
+        if idx_size != expected_idx:
+            raise ValueError(f"{idx_path}: {idx_size} bytes, but its header describes {num_sequences} sequences "
+                             f"({expected_idx} bytes): the index is truncated or damaged; rerun data_prep")
+        if num_sequences == 0:
+            expected_bin = 0
+        else:
+            f.seek(_IDX_HEADER.size + 4 * (num_sequences - 1))
+            last_length = int(np.frombuffer(f.read(4), dtype=np.int32)[0])
+            f.seek(_IDX_HEADER.size + 4 * num_sequences + 8 * (num_sequences - 1))
+            last_pointer = int(np.frombuffer(f.read(8), dtype=np.int64)[0])
+            expected_bin = last_pointer + last_length * np.dtype(DType.dtype_from_code(code)).itemsize
+    bin_size = bin_path.stat().st_size
+    if bin_size != expected_bin:
+        raise ValueError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {expected_bin} bytes of tokens: "
+                         "the .bin is truncated or from another run; rerun data_prep for this prefix")
+
+
 def _check_prefixes(prefixes: list[str]) -> tuple[int, int]:
     """Every prefix finished by data_prep and tokenized alike; returns (vocab_size, eod_id)."""
     seen: Optional[tuple[int, int, str]] = None
@@ -97,6 +137,7 @@ def _check_prefixes(prefixes: list[str]) -> tuple[int, int]:
         if missing:
             raise ValueError(f"data spec: prefix {prefix} is missing {', '.join(missing)} "
                              "(not written by data_prep, or not finished)")
+        check_indexed_files(prefix)
         meta = json.loads(Path(prefix + ".json").read_text(encoding="utf-8"))
         this = (meta["vocab_size"], meta["eod_id"], meta["tokenizer"])
         if seen is not None and this[:2] != seen[:2]:

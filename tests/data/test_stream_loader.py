@@ -212,3 +212,31 @@ def test_spec_rejects_unfinished_or_mismatched_prefixes(prefixes, tmp_path):
     with pytest.raises(ValueError, match="need at least 2048001"):
         TransformerXLStreamLoader(build_token_sources(DataSpec([prefixes["new"]], [1], "1,0,0"))["train"],
                                   micro_batch_size=2, seq_len=1024, dp_size=1_000).windows_per_epoch
+
+
+def test_spec_names_a_truncated_bin_or_idx_at_open(prefixes, tmp_path):
+    """A .bin cut short (a full disk, an interrupted copy) or a damaged .idx is refused when the spec
+    opens the prefix, naming the file, not in some later read during training."""
+    for ext in (".bin", ".idx", ".json"):
+        (tmp_path / f"cut{ext}").write_bytes(open(prefixes["new"] + ext, "rb").read())
+    cut = str(tmp_path / "cut")
+    DataSpec([cut], [1])  # the copy itself is whole
+    bin_size = (tmp_path / "cut.bin").stat().st_size
+    # The index says how long the .bin is: its tokens times the dtype's size.
+    assert bin_size == int(IndexedDataset(cut).sequence_lengths.sum()) * 2
+    with open(tmp_path / "cut.bin", "r+b") as f:
+        f.truncate(bin_size - 2)
+    with pytest.raises(ValueError, match=rf"{cut}\.bin: {bin_size - 2} bytes, but {cut}\.idx describes {bin_size} bytes"):
+        DataSpec([prefixes["en"], cut], [1, 1])
+    with open(tmp_path / "cut.bin", "ab") as f:
+        f.write(b"\0\0\0\0")  # too long is as wrong as too short
+    with pytest.raises(ValueError, match=rf"{cut}\.bin: {bin_size + 2} bytes"):
+        DataSpec([cut], [1])
+    (tmp_path / "cut.bin").write_bytes(open(prefixes["new"] + ".bin", "rb").read())
+    idx = (tmp_path / "cut.idx").read_bytes()
+    (tmp_path / "cut.idx").write_bytes(idx[:-8])
+    with pytest.raises(ValueError, match=rf"{cut}\.idx: {len(idx) - 8} bytes, but its header describes"):
+        DataSpec([cut], [1])
+    (tmp_path / "cut.idx").write_bytes(idx[:20])
+    with pytest.raises(ValueError, match=rf"{cut}\.idx: not a megatron-core index"):
+        DataSpec([cut], [1])

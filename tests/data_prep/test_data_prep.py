@@ -3,6 +3,7 @@ the .bin/.idx equals the documents tokenized by the `tokenizers` reference, mult
 byte-identical, corrupted input is skipped with file and line, and interrupted runs are redone."""
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -62,7 +63,7 @@ def test_text_files_read_back_equal_tokenized_documents(tmp_path, reference):
 
 def write_inputs(folder: Path, texts: list[str]) -> dict:
     """The same documents in every input format; returns {name: (path, format, extra config)}."""
-    domains = ["Github" if i % 3 else "Pile-CC" for i in range(len(texts))]
+    domains = ["Github" if i % 3 else "Wikipedia (en)" for i in range(len(texts))]
     pile_lines = "".join(json.dumps({"text": t, "meta": {"pile_set_name": d}}) + "\n" for t, d in zip(texts, domains))
     (folder / "pile.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(pile_lines.encode()))
     nested = "".join(json.dumps({"id": i, "body": {"content": t}}) + "\n" for i, t in enumerate(texts))
@@ -91,10 +92,110 @@ def test_every_format_and_domains(tmp_path, reference, texts):
     path, _, _, docs, domains = inputs["pile"]
     summary = prepare(PrepConfig(inputs=[path], output_prefix=tmp_path / "dom" / "pile", input_format="pile",
                                  split_by_domain=True))
-    assert sorted(summary.outputs) == [str(tmp_path / "dom" / "pile_Github"), str(tmp_path / "dom" / "pile_Pile-CC")]
-    for domain in ("Github", "Pile-CC"):
+    # Output names are clean prefixes; the summary maps each domain as written in the data to its output.
+    assert sorted(summary.outputs) == [str(tmp_path / "dom" / "pile_github"), str(tmp_path / "dom" / "pile_wikipedia_en")]
+    assert summary.domains == {"Github": str(tmp_path / "dom" / "pile_github"),
+                               "Wikipedia (en)": str(tmp_path / "dom" / "pile_wikipedia_en")}
+    assert "'Wikipedia (en)' -> pile_wikipedia_en" in summary.line()
+    for domain, name in (("Github", "github"), ("Wikipedia (en)", "wikipedia_en")):
         mine = [d for d, dom in zip(docs, domains) if dom == domain]
-        assert read_back(tmp_path / "dom" / f"pile_{domain}") == expected(reference, mine)
+        assert read_back(tmp_path / "dom" / f"pile_{name}") == expected(reference, mine)
+        assert json.loads((tmp_path / "dom" / f"pile_{name}.json").read_text())["domain"] == domain
+
+
+def test_domains_that_clean_to_one_name_keep_separate_outputs(tmp_path):
+    # "Books 3" and "books-3" both clean to books_3: the second gets its SHA-1 prefix appended;
+    # a name of punctuation only is its SHA-1 prefix.
+    names = ["Books 3", "books-3", "(?)"]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}", "meta": {"pile_set_name": d}}) + "\n"
+                            for i, d in enumerate(names)))
+    summary = prepare(PrepConfig(inputs=[path], output_prefix=tmp_path / "p", input_format="pile", split_by_domain=True))
+    sha = {d: hashlib.sha1(d.encode()).hexdigest()[:8] for d in names}
+    assert summary.domains == {"Books 3": str(tmp_path / "p_books_3"), "books-3": str(tmp_path / f"p_books_3_{sha['books-3']}"),
+                               "(?)": str(tmp_path / f"p_{sha['(?)']}")}
+    assert [len(IndexedDataset(p)) for p in summary.outputs] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("suffix", [".xz", ".zst", ".gz"])
+def test_garbage_after_a_complete_stream_keeps_every_document(tmp_path, reference, texts, suffix):
+    """Bytes appended after the last complete compressed stream (a botched concatenation, a
+    download with trailing junk): every document before them is complete and kept, the last one
+    included; the damage is one line of the skip log."""
+    paragraphs = ["\n".join(line for line in t.split("\n")[:6] if line.strip()) for t in texts[:80]]
+    paragraphs = [p for p in paragraphs if p]
+    raw = ("\n\n".join(paragraphs)).encode()  # no newline after the last paragraph either
+    compress = {".xz": lzma.compress, ".zst": zstandard.ZstdCompressor().compress, ".gz": gzip.compress}[suffix]
+    path = tmp_path / f"cc.txt{suffix}"
+    path.write_bytes(compress(raw) + b"\x00garbage after the stream" * 3)
+    summary = prepare(PrepConfig(inputs=[path], output_prefix=tmp_path / "out"))
+    assert read_back(tmp_path / "out") == expected(reference, paragraphs)
+    assert summary.skipped == {"corrupt_input": 1}
+    log = Path(summary.skip_log).read_text().splitlines()[1:]
+    assert len(log) == 1 and log[0].split("\t")[:3] == [str(path), str(raw.count(b"\n") + 2), "corrupt_input"]
+    assert "after a complete stream" in log[0]
+
+
+def test_rerun_checks_output_sizes_and_checksums(tmp_path, caplog):
+    """The summary records every output's size and SHA-256; a rerun after a .bin was truncated or
+    altered redoes the job (naming the file) instead of reporting it finished."""
+    files = [p for p in stdlib_sources(300_000) if p.stat().st_size > 0]
+    prefix = tmp_path / "std"
+    summary = prepare_text_files(files, prefix)
+    outputs = [Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".json", ".skipped.tsv")]
+    assert summary.files == {str(p): {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                             for p in outputs}
+    saved = json.loads(Path(f"{prefix}.summary.json").read_text())["summary"]["files"]
+    assert saved == summary.files
+    good = Path(f"{prefix}.bin").read_bytes()
+    assert prepare_text_files(files, prefix).reused
+
+    os.truncate(f"{prefix}.bin", len(good) - 100)
+    with caplog.at_level("WARNING", logger="data_prep"):
+        again = prepare_text_files(files, prefix)
+    assert not again.reused and Path(f"{prefix}.bin").read_bytes() == good
+    assert f"{prefix}.bin has {len(good) - 100} bytes, the finished run wrote {len(good)}" in caplog.text
+
+    caplog.clear()
+    with open(f"{prefix}.bin", "r+b") as f:  # same size, one token changed
+        f.seek(10)
+        f.write(b"\x01\x02")
+    with caplog.at_level("WARNING", logger="data_prep"):
+        assert not prepare_text_files(files, prefix).reused
+    assert f"{prefix}.bin changed since the finished run" in caplog.text
+    assert Path(f"{prefix}.bin").read_bytes() == good
+
+
+def test_empty_input_fails_naming_it_and_writes_no_dataset(tmp_path, capsys):
+    """Empty files, whitespace only, or nothing but skipped documents: no dataset megatron-core can
+    open exists for zero documents, so the job fails (exit 2) naming its inputs."""
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("\n\n  \n\t\n")
+    (tmp_path / "bad.jsonl").write_text('{"no": "text"}\n{"text": "  "}\n')
+    for name, detail in (("empty.txt", "(empty or only whitespace)"), ("blank.txt", "(empty or only whitespace)"),
+                         ("bad.jsonl", "(skipped: 1 empty_document, 1 missing_field; listed in")):
+        prefix = tmp_path / "out" / name.split(".")[0]
+        assert data_prep_cli(["--input", str(tmp_path / name), "--output-prefix", str(prefix)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: no documents in {tmp_path / name} {detail}" in err, err
+        assert f"nothing written for {prefix}" in err
+        for suffix in (".bin", ".idx", ".json", ".summary.json"):
+            assert not Path(f"{prefix}{suffix}").exists(), suffix
+    # The skip log stays: it says why nothing was read.
+    assert "missing_field" in (tmp_path / "out" / "bad.skipped.tsv").read_text()
+
+
+def test_summary_is_printed_once(tmp_path, capsys, caplog):
+    (tmp_path / "a.txt").write_text("one paragraph\n\nanother one\n")
+    cmd = ["--input", str(tmp_path / "a.txt"), "--output-prefix", str(tmp_path / "a")]
+    for reused in (False, True):  # a fresh run, then a reused one
+        caplog.clear()
+        with caplog.at_level("INFO", logger="data_prep"):
+            assert data_prep_cli(cmd) == 0
+        out, err = capsys.readouterr()
+        shown = out + err + caplog.text  # printed or logged
+        assert shown.count("2 documents, ") == 1, shown
+        assert ("reused finished run" in shown) == reused
 
 
 def test_multiprocess_output_is_byte_identical(tmp_path, texts):
@@ -171,6 +272,18 @@ def test_unreadable_input_and_unwritable_output_are_clear_errors(tmp_path, capsy
         prepare(PrepConfig(inputs=[tmp_path / "t.parquet"], output_prefix=tmp_path / "o", text_field="body"))
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie (a dead child not yet reaped by anyone counts as dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_killed_run_leaves_nothing_finished_and_rerun_completes(tmp_path, texts):
     path = tmp_path / "big.jsonl"
     with open(path, "w", encoding="utf-8") as f:
@@ -184,8 +297,17 @@ def test_killed_run_leaves_nothing_finished_and_rerun_completes(tmp_path, texts)
     while not (tmp_bin.exists() and tmp_bin.stat().st_size > 1_000_000) and time.monotonic() < deadline:
         assert proc.poll() is None, "the run finished before it could be interrupted"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-write
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only, mid-write: its workers must follow
     proc.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(w) for w in workers), "workers outlived their killed parent"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group, pass or fail
     assert tmp_bin.exists()
     for suffix in (".bin", ".idx", ".json", ".summary.json"):
         assert not Path(f"{prefix}{suffix}").exists(), suffix
