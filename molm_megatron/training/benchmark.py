@@ -102,42 +102,53 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="folder for breakdown.json and the profiler's kernel table")
     # One step already holds every micro-batch of the accumulation; the profiler's Python-side
     # event processing grows with the launches (tens of thousands per step), so keep this small.
-    parser.add_argument("--profile-steps", type=int, default=1, help="steps run under the profiler after training")
+    parser.add_argument("--profile-steps", type=int, default=1,
+                        help="steps run under the profiler after training (0: train only, no breakdown)")
     args, rest = parser.parse_known_args(argv)
+    if args.profile_steps < 0:
+        parser.error(f"--profile-steps must be >= 0, got {args.profile_steps}")
     job = parse_job_config([a for a in rest if a != "--"])
     from molm_megatron.training.trainer import Trainer
 
     os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(job)
-    start = time.perf_counter()
-    code = trainer.train()
-    train_s = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        code = trainer.train()
+        result = {"exit_code": code, "train_seconds": time.perf_counter() - start, "job": job.to_dict()}
+        if args.profile_steps:
+            result.update(_profile(trainer, args.profile_steps, args.out))
+        else:
+            print("profiling skipped (--profile-steps 0): throughput and MFU are in the run's metrics.jsonl")
+        with open(os.path.join(args.out, "breakdown.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    finally:
+        trainer.close()
+    return code
+
+
+def _profile(trainer, steps: int, out: str) -> dict:
+    """`steps` (>= 1) more training steps under torch.profiler: wall time and kernel time per category."""
     device = trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with _labelled(trainer.engine), profile(activities=activities) as prof:
         sync()
         t0 = time.perf_counter()
-        for _ in range(args.profile_steps):
+        for _ in range(steps):
             trainer.train_step(collect=False)
         sync()
-        step_ms = (time.perf_counter() - t0) * 1e3 / args.profile_steps
-    per_step = {k: v / args.profile_steps for k, v in time_breakdown(prof.events(), device.type == "cuda").items()}
+        step_ms = (time.perf_counter() - t0) * 1e3 / steps
+    per_step = {k: v / steps for k, v in time_breakdown(prof.events(), device.type == "cuda").items()}
     total = sum(per_step.values())
-    result = {"exit_code": code, "train_seconds": train_s, "step_wall_ms": step_ms, "kernel_ms_per_step": per_step,
-              "share": {k: v / total for k, v in per_step.items()}, "job": job.to_dict()}
-    with open(os.path.join(args.out, "breakdown.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    share = {k: v / total if total else 0.0 for k, v in per_step.items()}
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with open(os.path.join(args.out, "kernels.txt"), "w") as f:
+    with open(os.path.join(out, "kernels.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by=sort_key, row_limit=40))
     print(f"step wall {step_ms:.1f} ms, summed kernel time {total:.1f} ms")
     for k in CATEGORIES:
-        print(f"  {k:10s} {per_step[k]:8.2f} ms  {result['share'][k]:6.1%}")
-    trainer.close()
-    return code
-
+        print(f"  {k:10s} {per_step[k]:8.2f} ms  {share[k]:6.1%}")
+    return {"step_wall_ms": step_ms, "kernel_ms_per_step": per_step, "share": share}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
