@@ -1,2 +1,3 @@
-"""Model-level GPU checks and benchmarks (`python -m benchmarks.model_bench`); the kernels' own are
-in `kernels.bench`, and training throughput is `python -m molm_megatron.training.benchmark`."""
+"""Model-level GPU checks and benchmarks (`python -m benchmarks.model_bench`) and EMoE's
+(`python -m benchmarks.emoe_bench`); the kernels' own are in `kernels.bench`, and training
+throughput is `python -m molm_megatron.training.benchmark`."""
