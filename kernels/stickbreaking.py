@@ -1,6 +1,6 @@
 """Triton stick-breaking attention, forward and backward (the CUDA path of `kernels.stickbreaking_attention`).
 
-Implements the attention of DESIGN.md section 2 (Tan et al., "Scaling Stick-Breaking Attention",
+Implements the attention of docs/design.md, "Model semantics" (Tan et al., "Scaling Stick-Breaking Attention",
 2024; ModuleFormer, Shen et al. 2023); `kernels/stickbreaking_reference.py` is the oracle. For query
 i (at key position p_i) and visible key j <= p_i, with l_ij = q_i . k_j / sqrt(D):
 

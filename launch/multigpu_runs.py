@@ -1,4 +1,4 @@
-"""Multi-GPU runs of issue 7: parallel layouts against one device, then throughput per GPU.
+"""Multi-GPU runs: parallel layouts against one device, then throughput per GPU.
 
 Phase `equivalence`: the same data, weights and global batch under every layout that fits the
 process count (DP, EP = 2/4/8, TP = 2, EP x DP, TP x EP) must give the first steps' LM losses of a
@@ -46,7 +46,7 @@ class Layout:
 
 
 def equivalence_layouts(nproc: int) -> list[Layout]:
-    """Every layout of the issue that fits `nproc` processes (powers of two up to 8)."""
+    """Every layout of the multi-GPU programme (README) that fits `nproc` processes (powers of two up to 8)."""
     out = [Layout(nproc)]
     ep = 2
     while ep <= nproc:

@@ -1,4 +1,4 @@
-"""The stream-ordered loader for Transformer-XL memory (DESIGN.md section 3).
+"""The stream-ordered loader for Transformer-XL memory (docs/design.md, "Data order").
 
 Memory only helps when segment t+1 of a batch row continues segment t of the same row, so batches
 are cut the way Transformer-XL does (Dai et al., 2019, its `batchify`), per epoch:

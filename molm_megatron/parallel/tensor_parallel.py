@@ -4,7 +4,7 @@ sec. 3): an input that enters a split computation passes a *copy* region (identi
 all-reduce of its gradient backward); a partial output leaves through a *reduce* region
 (all-reduce forward, identity backward). We use megatron-core's two mapping functions for these.
 
-The layout (DESIGN.md section 4):
+The layout (docs/design.md, "Parallelism"):
 - `transformer.wte`, `lm_head`: split over the vocabulary (balanced, uneven allowed: 50295 is odd).
   The embedding looks up its own rows, zeros the others and all-reduces; the head yields this
   rank's logits [B, T, V_local] and the model's cross entropy is replaced by a vocab-parallel one,

@@ -19,7 +19,7 @@ from molm_megatron.model import MoLM
 
 
 def published_keys_and_shapes(cfg):
-    """DESIGN.md section 2's key list, written out independently of the model code."""
+    """The key list of docs/design.md, "Model semantics", written out independently of the model code."""
     d, g = cfg.n_embd, cfg.gating_size
     n = cfg.history_length + cfg.block_size
     keys = {"transformer.wte.weight": [cfg.vocab_size, d], "transformer.ln_f.weight": [d],

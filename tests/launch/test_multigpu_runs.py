@@ -1,4 +1,4 @@
-"""launch/multigpu_runs.py (issue 7's script) run end to end over gloo: every parallel layout that
+"""launch/multigpu_runs.py run end to end over gloo: every parallel layout that
 fits 2 processes gives the one-process LM losses, and the throughput phase reports per-process
 tokens/s, scaling against one process and the all-to-all share."""
 

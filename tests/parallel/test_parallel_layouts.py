@@ -1,4 +1,4 @@
-"""Tensor and expert parallel layouts reproduce the single-process model (DESIGN.md section 4).
+"""Tensor and expert parallel layouts reproduce the single-process model (docs/design.md, "Parallelism").
 
 Two process launches over gloo (2 ranks, then 4) run every multi-rank check of
 tests/parallel/parallel_checks.py; each test below asserts on one check's numbers. The oracle is
