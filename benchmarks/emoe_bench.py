@@ -8,8 +8,11 @@
    its masked computation (the reference), at k = N/4 (and a sparse-vs-masked output check). bf16
    on CUDA, CUDA-event timings (median after warm-up); on CPU fp32 and wall-clock (smoke test).
 
-Usage: python -m benchmarks.emoe_bench [--tiny] [--tokens N] [--n-init N] [--max-iter N]
-       [--skip-cluster] [--skip-ffn] [--out FILE.json]
+The clustering is CPU work (about 40 s per GPT-2-XL-shaped layer on one busy core); on a GPU
+machine run the FFN part alone (`--skip-cluster`) when its time is short.
+
+Usage: python -m benchmarks.emoe_bench [--tiny] [--shapes NAME ...] [--tokens N] [--n-init N]
+       [--max-iter N] [--skip-cluster] [--skip-ffn] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -141,6 +144,8 @@ def print_table(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.emoe_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU smoke test)")
+    p.add_argument("--shapes", nargs="+", choices=[*SHAPES, *TINY], default=None,
+                   help=f"FFN shapes to run (default: all of {', '.join(SHAPES)}; with --tiny the tiny ones)")
     p.add_argument("--experts", type=int, default=None, help="experts per FFN (default 64, EMoE's; 8 with --tiny)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per FFN call in the timing")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     shapes = TINY if args.tiny else SHAPES
+    if args.shapes:
+        shapes = {name: {**SHAPES, **TINY}[name] for name in args.shapes}
     experts = args.experts or (8 if args.tiny else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
