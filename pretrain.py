@@ -12,7 +12,7 @@ consecutive non-finite steps (after saving), 2 bad configuration.
 import logging
 import sys
 
-from molm_megatron.config import build_arg_parser, parse_job_config
+from molm_megatron.cli import build_arg_parser, parse_job_config
 
 
 def main(argv: list[str]) -> int:

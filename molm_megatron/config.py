@@ -189,8 +189,9 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 
 # ---- the run: one tree of sections (`JobConfig`), read from YAML and `--section.field` flags ----
-# Each section field's docstring is its `--help` text (read from this file's source, as tyro does
-# for torchtitan's job_config.py). Precedence: field defaults < the YAML file < command-line flags.
+# Each section field's docstring is its `--help` text (molm_megatron/cli.py reads it from this
+# file's source, as tyro does for torchtitan's job_config.py). Precedence: field defaults < the
+# YAML file < command-line flags.
 
 
 @dataclass
@@ -266,6 +267,9 @@ class DataConfig:
     """Blend weight of each prefix (same length as prefixes; empty means equal weights)."""
     split: str = "98,2,0"
     """Train, validation, test proportions of every dataset's documents."""
+    spec: str = ""
+    """A data-spec YAML file (`datasets: [{prefix, weight}, ...]`, `split`; prefixes relative to the
+    file) used instead of prefixes, weights and split."""
 
 
 @dataclass
@@ -287,9 +291,17 @@ class MetricsConfig:
     log_interval: int = 10
     """Log every this many steps (and the first step)."""
     dir: str = "runs/pretrain"
-    """Folder of metrics.jsonl and the TensorBoard event files."""
+    """Folder of metrics.jsonl, the TensorBoard event files and offline Weights & Biases runs; empty
+    writes no metrics files (stdout only)."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package, not installed by requirements.txt)."""
+    wandb_project: str = "molm"
+    """Weights & Biases project name."""
+    wandb_mode: str = ""
+    """Weights & Biases mode: online, offline (runs stay in metrics.dir; `wandb sync` uploads them
+    later) or disabled; empty keeps wandb's own choice (WANDB_MODE, `wandb offline`)."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device for MFU; 0 looks it up (H100/H200 989, A100 312,
     CPU a nominal 0.1 per process)."""
@@ -320,20 +332,21 @@ class TrainConfig:
     """Stop (after a checkpoint) when this many consecutive steps have non-finite loss or gradients."""
 
 
-SECTION_TYPES = {
-    "model": ModelSection, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
-    "schedule": ScheduleConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
-    "metrics": MetricsConfig, "train": TrainConfig,
-}
 ZERO_STAGES = (1, 2, 3)
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 @dataclass
 class JobConfig:
-    """The whole run. `parse_job_config(argv)` builds it from YAML plus `--section.field` flags."""
+    """Pretrain a ModuleFormer (MoLM) model with DeepSpeed.
+
+    The whole run: `molm_megatron.cli.parse_job_config(argv)` builds it from YAML plus
+    `--section.field` flags. A fine-tuning job subclasses it with sections of its own; every field
+    that is a dataclass is a section. The first docstring line is the program's `--help` summary.
+    """
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -385,6 +398,11 @@ class JobConfig:
         if decay < s.warmup_steps:
             raise ValueError(f"schedule.decay_steps ({decay}, 0 = train.steps) is shorter than "
                              f"schedule.warmup_steps ({s.warmup_steps})")
+        if self.data.spec and (self.data.prefixes or self.data.weights):
+            raise ValueError(f"data.spec ({self.data.spec}) replaces data.prefixes and data.weights; give one or the "
+                             f"other, not both (data.prefixes: {self.data.prefixes})")
+        if m.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"metrics.wandb_mode must be one of {', '.join(map(repr, WANDB_MODES))}; got {m.wandb_mode!r}")
         if self.data.weights and len(self.data.weights) != len(self.data.prefixes):
             raise ValueError(f"data.weights has {len(self.data.weights)} entries but data.prefixes has "
                              f"{len(self.data.prefixes)}")
@@ -395,150 +413,3 @@ class JobConfig:
         out = dataclasses.asdict(self)
         out["model"] = {"preset": self.model.preset, **dataclasses.asdict(self.model.build())}
         return out
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring under it in the class body (its `--help` text)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _field_types(cls: type) -> dict[str, str]:
-    """Field name -> annotation as written ('int', 'list', ...); this file uses postponed annotations."""
-    return {f.name: f.type for f in dataclasses.fields(cls)}
-
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _coerce(value, kind: str, path: str, where: str):
-    """Convert a YAML or command-line value to the field's type; ValueError names where and the field."""
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in _TRUE + _FALSE:
-                return str(value).lower() in _TRUE
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == "str":
-            if isinstance(value, (list, dict)):
-                raise ValueError
-            return str(value)
-        if kind.startswith("list["):
-            items = value if isinstance(value, (list, tuple)) else [value]
-            return [_coerce(item, kind[5:-1], path, where) for item in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}{path}: expected {kind}, got {value!r}") from None
-    raise AssertionError(f"unhandled field type {kind} of {path}")
-
-
-def _yaml_tree(path: str) -> tuple[dict, dict[str, int]]:
-    """The YAML file as nested dicts plus the line number (1-based) of every `section.field` key."""
-    import yaml
-
-    with open(path) as f:
-        try:
-            root = yaml.compose(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if root is None:
-        return {}, {}
-    if not isinstance(root, yaml.MappingNode):
-        raise ValueError(f"{path}:{root.start_mark.line + 1}: the top level must be a mapping of sections")
-    tree, lines = {}, {}
-    for key_node, section_node in root.value:
-        section = key_node.value
-        lines[section] = key_node.start_mark.line + 1
-        if not isinstance(section_node, yaml.MappingNode):
-            raise ValueError(f"{path}:{lines[section]}: section {section!r} must be a mapping of fields")
-        tree[section] = {}
-        for field_key, value_node in section_node.value:
-            lines[f"{section}.{field_key.value}"] = field_key.start_mark.line + 1
-            tree[section][field_key.value] = yaml.safe_load(yaml.serialize(value_node))
-    return tree, lines
-
-
-def _apply(job: JobConfig, section: str, name: str, value, where: str) -> None:
-    """Set `section.name` on the job (model fields other than `preset` become overrides)."""
-    if section not in SECTION_TYPES:
-        raise ValueError(f"{where}unknown section {section!r}; known: {', '.join(SECTION_TYPES)}")
-    if section == "model" and name != "preset":
-        types = _field_types(ModelConfig)
-        if name not in types:
-            raise ValueError(f"{where}unknown field model.{name} (not a ModelConfig field)")
-        job.model.overrides[name] = _coerce(value, types[name], f"model.{name}", where)
-        return
-    types = _field_types(SECTION_TYPES[section])
-    if name not in types or (section == "model" and name == "overrides"):
-        raise ValueError(f"{where}unknown field {section}.{name}; known: {', '.join(types)}")
-    setattr(getattr(job, section), name, _coerce(value, types[name], f"{section}.{name}", where))
-
-
-def build_arg_parser():
-    """The `--config FILE.yaml` plus `--section.field VALUE` parser; help texts are the docstrings."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py", usage="%(prog)s [-h] [--config FILE.yaml] [--section.field VALUE ...]",
-        description="Pretrain a ModuleFormer (MoLM) model with DeepSpeed. Settings come from the dataclasses of "
-                    "molm_megatron/config.py: defaults, then the YAML file (the same section/field tree), then "
-                    "--section.field flags. Runs as one process, under torchrun or under the deepspeed launcher.",
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same sections and fields")
-    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    for section, cls in SECTION_TYPES.items():
-        group = parser.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0].rstrip('.')}")
-        docs, types = field_docs(cls), _field_types(cls)
-        if section == "model":
-            docs = {"preset": docs["preset"], **field_docs(ModelConfig)}
-            types = {"preset": "str", **_field_types(ModelConfig)}
-        defaults = {k: repr(v) for k, v in dataclasses.asdict(cls()).items()}
-        if section == "model":
-            defaults = {"preset": repr(ModelSection().preset), **{k: "the preset's" for k in types if k != "preset"}}
-        for name, kind in types.items():
-            if name == "overrides":
-                continue
-            help_text = f"{docs.get(name, '')} [{kind}; default: {defaults[name]}]".replace("%", "%%")
-            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar=kind.split("[")[-1].rstrip("]").upper(),
-                               nargs="+" if kind.startswith("list[") else None, help=help_text)
-    return parser
-
-
-def parse_job_config(argv: list[str]) -> JobConfig:
-    """Build and validate the JobConfig from a command line (without the program name)."""
-    args = vars(build_arg_parser().parse_args(argv))
-    job = JobConfig()
-    if "config" in args:
-        tree, lines = _yaml_tree(args["config"])
-        for section, fields in tree.items():
-            if section not in SECTION_TYPES:
-                raise ValueError(f"{args['config']}:{lines[section]}: unknown section {section!r}; known: "
-                                 f"{', '.join(SECTION_TYPES)}")
-            for name, value in fields.items():
-                line = lines.get(f"{section}.{name}", lines.get(section))
-                _apply(job, section, name, value, f"{args['config']}:{line}: ")
-    for key, value in args.items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            _apply(job, section, name, value, f"--{key}: ")
-    job.validate()
-    return job

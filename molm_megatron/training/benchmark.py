@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import kernels
-from molm_megatron.config import parse_job_config
+from molm_megatron.cli import parse_job_config
 from molm_megatron.model.model import Router
 
 CATEGORIES = ("attention", "experts", "routing", "optimizer", "other")

@@ -18,7 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from molm_megatron.config import parse_job_config
+from molm_megatron.cli import parse_job_config
 from molm_megatron.hf.convert import consolidate_checkpoint
 from molm_megatron.parallel import full_state_dict
 from molm_megatron.training.trainer import Trainer

@@ -3,12 +3,15 @@ and pretrain.py --help."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from molm_megatron.config import JobConfig, build_arg_parser, field_docs, parse_job_config, TrainConfig
+from molm_megatron.cli import build_arg_parser, field_docs, parse_job_config
+from molm_megatron.config import JobConfig, TrainConfig
 from tests.training.procs import ROOT, launch_env
 
 
@@ -94,3 +97,79 @@ def test_pretrain_help_and_config_error_answer_without_training():
     bad = subprocess.run([sys.executable, "pretrain.py", "--train.steps", "-1"], cwd=ROOT, env=launch_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "pretrain.py: error: train.steps must be positive, got -1" in bad.stderr
+
+
+def test_a_missing_config_file_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ValueError, match=f"--config {missing}: cannot read the file \\(No such file or directory\\)"):
+        parse_job_config(["--config", str(missing)])
+    run = subprocess.run([sys.executable, "pretrain.py", "--config", str(missing)], cwd=ROOT, env=launch_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and f"pretrain.py: error: --config {missing}: cannot read the file" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@dataclasses.dataclass
+class InsertConfig:
+    """Expert insertion (a fine-tuning section)."""
+
+    n_new_mlp_experts: int = 0
+    """MLP experts added to every layer."""
+    init_from: str = ""
+    """Checkpoint or Hugging Face folder to start from."""
+
+
+@dataclasses.dataclass
+class FinetuneJob(JobConfig):
+    """Fine-tune a ModuleFormer (MoLM) model."""
+
+    insert: InsertConfig = dataclasses.field(default_factory=InsertConfig)
+
+
+def test_a_job_subclass_adds_its_own_section(tmp_path):
+    cfg = write(tmp_path, "insert:\n  n_new_mlp_experts: 2\ntrain:\n  steps: 30\n")
+    job = parse_job_config(["--config", cfg, "--insert.init_from", "ck", "--schedule.warmup_steps", "3"],
+                           root=FinetuneJob, prog="finetune.py")
+    assert isinstance(job, FinetuneJob) and (job.insert.n_new_mlp_experts, job.insert.init_from) == (2, "ck")
+    assert job.train.steps == 30 and job.to_dict()["insert"] == {"n_new_mlp_experts": 2, "init_from": "ck"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("insert:\n  bad: 1\n")
+    with pytest.raises(ValueError, match="bad.yaml:2: unknown field insert.bad; known: n_new_mlp_experts, init_from"):
+        parse_job_config(["--config", str(bad)], root=FinetuneJob, prog="finetune.py")
+    with pytest.raises(ValueError, match="run.yaml:1: unknown section 'insert'"):
+        parse_job_config(["--config", cfg])  # the pretraining job has no such section
+    text = build_arg_parser(FinetuneJob, "finetune.py").format_help()
+    assert text.startswith("usage: finetune.py [-h]") and "Fine-tune a ModuleFormer (MoLM) model." in text
+    assert "insert: Expert insertion (a fine-tuning section)" in text and "MLP experts added to every layer." in text
+
+
+def readme_data_spec() -> str:
+    """The data-spec YAML block of README.md, as a user would copy it."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("**Data spec**"):]
+    return block[block.index("```yaml\n") + 8:block.index("\n```", block.index("```yaml"))] + "\n"
+
+
+def test_the_readme_data_spec_trains_as_data_spec(small_data, tmp_path):
+    import shutil
+
+    from molm_megatron.training.trainer import build_stream_data
+
+    for name in ("pile_en", "cc100_de"):  # the README's prefixes, relative to the spec file
+        (tmp_path / "data").mkdir(exist_ok=True)
+        for ext in (".bin", ".idx", ".json"):
+            shutil.copy(small_data + ext, tmp_path / "data" / (name + ext))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(readme_data_spec())
+    flags = ["--train.micro_batch_size", "2", "--model.vocab_size", "50295", "--model.block_size", "64"]
+    job = parse_job_config(flags + ["--data.spec", str(spec)])
+    cfg = job.model.build()
+    by_spec, _ = build_stream_data(job, cfg, dp_rank=0, dp_size=1)
+    by_flags, _ = build_stream_data(parse_job_config(flags + [
+        "--data.prefixes", str(tmp_path / "data" / "pile_en"), str(tmp_path / "data" / "cc100_de"),
+        "--data.weights", "4", "1", "--data.split", "98,1,1"]), cfg, dp_rank=0, dp_size=1)
+    for _ in range(3):
+        a, b = next(by_spec), next(by_flags)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.reset_memory, b.reset_memory)
+    with pytest.raises(ValueError, match=r"data.spec \(.*spec.yaml\) replaces data.prefixes and data.weights"):
+        parse_job_config(["--data.spec", str(spec), "--data.prefixes", "a"])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from molm_megatron.config import parse_job_config
+from molm_megatron.cli import parse_job_config
 from molm_megatron.training.schedule import lr_at, lr_lambda, plan_batch
 
 
