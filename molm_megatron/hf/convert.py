@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ import torch
 from molm_megatron.config import ModelConfig
 from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
 from molm_megatron.model import MoLM
-from molm_megatron.training.checkpoint import MARKER, CheckpointManager, step_dir_name
+from molm_megatron.training.checkpoint import read_model_shards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,37 +61,21 @@ def import_hf(hf_dir: str | Path) -> MoLM:
     return ModuleFormerForCausalLM.from_pretrained(hf_dir).to_molm()
 
 
-def _step_folder(checkpoint: Path) -> Path:
-    """A step folder as given, or the newest complete one of a `checkpoint.dir`."""
-    if (checkpoint / "meta.json").exists():
-        if not (checkpoint / MARKER).exists():
-            raise ValueError(f"{checkpoint}: incomplete checkpoint (no {MARKER} marker)")
-        return checkpoint
-    step = CheckpointManager(str(checkpoint), keep_last=1, layout={}, rank=0, barrier=lambda: None).latest_step()
-    if step is None:
-        raise ValueError(f"{checkpoint}: no complete checkpoint (no step_* folder with a {MARKER} marker)")
-    return checkpoint / step_dir_name(step)
-
-
 def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
     """The full model of a training checkpoint (a `checkpoint.dir` or one of its step folders),
     whatever its TP/EP layout: every shard file's tensors are placed where their `shards` records
     say. ZeRO-3 checkpoints keep the weights only in the optimizer partitions and are refused."""
-    folder = _step_folder(Path(checkpoint))
-    meta = json.loads((folder / "meta.json").read_text())
-    model_section = dict(meta["config"]["model"])
-    model_section.pop("preset", None)
+    shards = read_model_shards(checkpoint)
+    folder, model_section = shards.folder, shards.model_config
     model = MoLM(ModelConfig(**model_section))
-    files = sorted(folder.glob("model_tp*_ep*.pt"))
-    if not files:
+    if not shards.files:
         raise ValueError(f"{folder}: no model_tp*_ep*.pt files (a ZeRO-3 checkpoint keeps its weights in the "
                          "optimizer partitions; consolidate it with a ZeRO-1/2 run)")
     full = {name: torch.empty_like(t) for name, t in model.state_dict().items()}
     # Each distinct piece counts once: a tensor sharded over TP only is repeated in every EP file.
     seen: dict[str, set] = {name: set() for name in full}
     covered = dict.fromkeys(full, 0)
-    for path in files:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    for path, blob in shards:
         for name, local in blob["model"].items():
             if name not in full:
                 raise ValueError(f"{path}: unexpected tensor {name!r} for model {model_section}")
@@ -108,7 +91,7 @@ def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
             covered[name] += local.numel()
     missing = [name for name, n in covered.items() if n != full[name].numel()]
     if missing:
-        raise ValueError(f"{folder}: the shard files do not cover {missing[:5]} (layout {meta['layout']})")
+        raise ValueError(f"{folder}: the shard files do not cover {missing[:5]} (layout {shards.layout})")
     model.load_state_dict(full)
     return model
 

@@ -1,4 +1,5 @@
-"""Training metrics: one flat dict of namespaced keys, fanned out to stdout, JSON lines and TensorBoard.
+"""Training metrics: one flat dict of namespaced keys, fanned out to stdout, JSON lines, TensorBoard
+and optionally Weights & Biases (`metrics.wandb`, as Megatron-LM and torchtitan offer).
 
 Keys: `loss/lm`, `loss/<aux name>` (mi, concentration, switch, z, routing_reg), `loss/total`,
 `experts/layer{N}.{attn,mlpf}/load_{entropy,max,min}`, `throughput/tokens_per_s`, `mfu`,
@@ -100,33 +101,61 @@ def _format_line(metrics: dict[str, float], step: int, total_steps: int, aux_nam
     return " | ".join(parts)
 
 
-class MetricsLogger:
-    """`log(metrics, step)` writes one stdout line, one JSON line and TensorBoard scalars (rank 0 only)."""
+def require_wandb() -> None:
+    """ValueError naming the package when `metrics.wandb` is asked for but wandb is not installed
+    (it is optional: requirements.txt leaves it out). Cheap: nothing is imported."""
+    import importlib.util
 
-    def __init__(self, directory: str, total_steps: int, tensorboard: bool, enabled: bool, aux_name: str = "mi"):
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("metrics.wandb is true but the Python package `wandb` is not installed: "
+                         "pip install wandb, or leave metrics.wandb false")
+
+
+class MetricsLogger:
+    """`log(metrics, step)` writes one stdout line, one JSON line, TensorBoard scalars and, when asked,
+    a Weights & Biases record (rank 0 only). An empty `directory` writes no files (stdout only)."""
+
+    def __init__(self, directory: str, total_steps: int, tensorboard: bool, enabled: bool, aux_name: str = "mi",
+                 wandb: bool = False, wandb_project: str = "molm", wandb_mode: str = "",
+                 run_config: dict | None = None):
+        """`wandb_mode` '' leaves the choice to wandb (WANDB_MODE, `wandb offline`); `run_config` is
+        the resolved job tree recorded with the W&B run."""
         self.enabled, self.total_steps, self.aux_name = enabled, total_steps, aux_name
-        self.jsonl = self.writer = None
+        self.jsonl = self.writer = self.wandb_run = None
         if not enabled:
             return
-        os.makedirs(directory, exist_ok=True)
-        # Append: a resumed run continues the same file (its steps follow the checkpoint's).
-        self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=os.path.join(directory, "tensorboard"))
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            # Append: a resumed run continues the same file (its steps follow the checkpoint's).
+            self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=os.path.join(directory, "tensorboard"))
+        if wandb:
+            require_wandb()
+            import wandb as wandb_module  # optional dependency: imported only when enabled
+
+            # A resumed run starts a new W&B run whose steps continue the checkpoint's.
+            self.wandb_run = wandb_module.init(project=wandb_project, dir=directory or None, config=run_config,
+                                               mode=wandb_mode or None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
         print(_format_line(metrics, step, self.total_steps, self.aux_name), file=sys.stdout, flush=True)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -34,9 +34,10 @@ import yaml
 from molm_megatron.config import JobConfig, ModelConfig
 from molm_megatron.model import MoLM
 from molm_megatron.model.losses import AUX_LOSS_NAMES
-from molm_megatron.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from molm_megatron.training.checkpoint import CheckpointManager, ModelState, RNGState, model_file
+from molm_megatron.training.memory import StreamMemory
 from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load_metrics, memory_metrics,
-                                            peak_flops_per_device)
+                                            peak_flops_per_device, require_wandb)
 from molm_megatron.training.optimizer import deepspeed_config, expert_params_as_moe, param_groups
 from molm_megatron.training.schedule import lr_lambda, plan_batch
 
@@ -89,22 +90,27 @@ def init_distributed(device: torch.device, backend: str) -> None:
 def build_stream_data(job: JobConfig, cfg: ModelConfig, dp_rank: int, dp_size: int):
     """This rank's Transformer-XL stream loader over the blended training split, and a factory of
     one-pass validation iterators over the held-out split (None without validation)."""
-    from molm_megatron.data import DataSpec, TransformerXLStreamLoader, build_token_sources, validation_batches
+    from molm_megatron.data import (DataSpec, TransformerXLStreamLoader, build_token_sources, load_data_spec,
+                                    validation_batches)
 
     d, t = job.data, job.train
-    if not d.prefixes:
+    if d.spec:
+        spec = load_data_spec(d.spec)
+    elif not d.prefixes:
         raise ValueError("data.prefixes is empty: give the indexed datasets written by data_prep "
-                         "(--data.prefixes PREFIX [PREFIX ...], without .bin/.idx)")
-    spec = DataSpec(list(d.prefixes), list(d.weights) or [1.0] * len(d.prefixes), d.split)
+                         "(--data.prefixes PREFIX [PREFIX ...], without .bin/.idx), or a data-spec YAML "
+                         "(--data.spec FILE)")
+    else:
+        spec = DataSpec(list(d.prefixes), list(d.weights) or [1.0] * len(d.prefixes), d.split)
     if spec.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the data's vocabulary ({spec.vocab_size} ids, from {d.prefixes[0]}.json) exceeds "
+        raise ValueError(f"the data's vocabulary ({spec.vocab_size} ids, from {spec.prefixes[0]}.json) exceeds "
                          f"model.vocab_size ({cfg.vocab_size})")
     sources = build_token_sources(spec)
     loader = TransformerXLStreamLoader(sources["train"], t.micro_batch_size, cfg.block_size, dp_rank, dp_size, t.seed)
     if not t.eval_interval:
         return loader, None
     if sources["valid"] is None:
-        raise ValueError(f"train.eval_interval is {t.eval_interval} but data.split ({d.split!r}) leaves the "
+        raise ValueError(f"train.eval_interval is {t.eval_interval} but data.split ({spec.split!r}) leaves the "
                          "validation split without documents")
     # Fail now, not at the first validation, when the held-out split is too short for the streams.
     TransformerXLStreamLoader(sources["valid"], t.micro_batch_size, cfg.block_size, dp_rank, dp_size).windows_per_epoch
@@ -112,10 +118,46 @@ def build_stream_data(job: JobConfig, cfg: ModelConfig, dp_rank: int, dp_size: i
                                               dp_size, t.seed)
 
 
+class EngineCounters:
+    """DeepSpeed's step and sample counters as a checkpoint piece."""
+
+    KEYS = ("global_steps", "global_samples", "skipped_steps")
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self.engine, key) for key in self.KEYS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.KEYS:
+            setattr(self.engine, key, state[key])
+
+
+class ZeroOptimizerState:
+    """This rank's ZeRO optimizer partition (fp32 master weights, Adam moments) as a checkpoint piece."""
+
+    def __init__(self, optimizer, dp_rank: int, dp_size: int):
+        self.optimizer, self.dp_rank, self.dp_size = optimizer, dp_rank, dp_size
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        # ZeRO indexes the list by this rank's position in its data-parallel group; the other
+        # entries are only read when the data-parallel size changed, which check_layout refuses.
+        partitions = [None] * self.dp_size
+        partitions[self.dp_rank] = state
+        self.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
 class Trainer:
     """Owns everything of a run; `train()` returns the process exit code (0, 75 preempted, 3 non-finite)."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, model: torch.nn.Module | None = None):
+        """`model`: a built MoLM with full (unsharded) weights, identical on every rank (e.g. loaded
+        from one file, with experts inserted or pruned); its `config` is the model trained, saved
+        and checked on resume. None builds `job.model` from the seed."""
         import deepspeed
 
         from molm_megatron import parallel
@@ -126,7 +168,11 @@ class Trainer:
         self.stop_signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        self.cfg = job.validate()
+        self.cfg = job.validate() if model is None else model.config
+        if model is not None:
+            job.validate()
+        if job.metrics.wandb:
+            require_wandb()  # on every rank, before any process group: all exit 2 together
         t = job.train
         self.device = resolve_device(t.device)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
@@ -146,9 +192,11 @@ class Trainer:
 
         # Same seed on every rank: every layout starts from the same full weights, then shards them.
         torch.manual_seed(t.seed)
+        if model is None:
+            model = MoLM(self.cfg)
         # Full weights first, then each rank keeps its shards: expert parallelism, then tensor
         # parallelism around its dispatcher (the fixed order of parallel.parallelize).
-        model = parallel.parallelize(MoLM(self.cfg), self.groups).to(self.device)
+        model = parallel.parallelize(model, self.groups).to(self.device)
         # Dropout and sampled routing: one stream per data-parallel rank, shared by its TP ranks
         # (their activations are replicas and must be dropped identically).
         torch.manual_seed(t.seed + 1 + self.groups.dp_rank)
@@ -169,82 +217,64 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
-        self.memory: list | None = None  # previous segment's (k, v) per layer, [B, M, nh, hs] each
-        self.memory_valid_BM: torch.Tensor | None = None  # False where a restarted row's memory is stale
+        self.memory = StreamMemory(self.device)
+        # What a checkpoint holds, by name (each rank's file; loaded in this order, after the model).
+        self.pieces = {"optimizer": ZeroOptimizerState(self.engine.optimizer, self.groups.dp_rank, dp_size),
+                       "scheduler": self.scheduler, "engine": EngineCounters(self.engine), "trainer": self,
+                       "loader": self.loader, "memory": self.memory, "rng": RNGState()}
 
         layout = {"world_size": self.world_size, "tensor_parallel_size": job.parallel.tensor_parallel_size,
                   "expert_parallel_size": job.parallel.expert_parallel_size, "data_parallel_size": dp_size,
                   "zero_stage": job.parallel.zero_stage}
-        self.checkpoints = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, layout) \
-            if job.checkpoint.dir else None
+        self.checkpoints = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, layout,
+                                             all_ranks=self._all_ranks) if job.checkpoint.dir else None
         self._maybe_resume()
 
-        self.metrics = MetricsLogger(job.metrics.dir, t.steps, job.metrics.tensorboard, enabled=self.rank == 0,
-                                     aux_name=self.cfg.aux_loss_type)
+        m = job.metrics
+        self.metrics = MetricsLogger(m.dir, t.steps, m.tensorboard, enabled=self.rank == 0, aux_name=self.cfg.aux_loss_type,
+                                     wandb=m.wandb, wandb_project=m.wandb_project, wandb_mode=m.wandb_mode,
+                                     run_config=job.to_dict())
         self.peak_flops = peak_flops_per_device(self.device, job.metrics.peak_tflops)
         self.flops_per_token = self.cfg.flops_per_token(self.cfg.block_size)
 
-    # ---- state -------------------------------------------------------------------------------
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The trainer's own counters (a checkpoint piece)."""
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+
     def _model_file(self) -> str | None:
-        """This rank's model-weights file if it writes one: the first rank of each distinct
-        (TP rank, EP rank) shard; none in ZeRO-3, whose fp32 partitions restore the weights."""
+        """This rank's model-weights file: its (TP rank, EP rank) shard's; none in ZeRO-3, whose
+        fp32 partitions restore the weights."""
         if self.job.parallel.zero_stage == 3:
             return None
-        return f"model_tp{self.groups.tp_rank:02d}_ep{self.groups.ep_rank:03d}.pt"
-
-    def checkpoint_files(self) -> dict[str, object]:
-        """The files this rank contributes to a checkpoint (name -> object for torch.save)."""
-        e = self.engine
-        memory = None if self.memory is None else [(k.cpu(), v.cpu()) for k, v in self.memory]
-        state = {"optimizer": e.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "engine": {"global_steps": e.global_steps, "global_samples": e.global_samples,
-                            "skipped_steps": e.skipped_steps},
-                 "trainer": {"step": self.step, "skipped_steps": self.skipped_steps,
-                             "consecutive_nonfinite": self.consecutive_nonfinite},
-                 "loader": self.loader.state_dict(), "memory": memory,
-                 "memory_valid": None if self.memory_valid_BM is None else self.memory_valid_BM.cpu(),
-                 "rng": rng_state()}
-        files = {f"rank_{self.rank:05d}.pt": state}
-        if self._model_file() is not None and self.groups.edp_rank == 0:
-            # With each sharded tensor's place in the full one (parallel.Shard as a dict), so a
-            # converter can assemble full weights from the files alone, without process groups.
-            shards = {name: [dataclasses.asdict(s) for s in p.shards]
-                      for name, p in e.module.named_parameters() if getattr(p, "shards", ())}
-            files[self._model_file()] = {"model": e.module.state_dict(), "shards": shards}
-        return files
+        return model_file(self.groups.tp_rank, self.groups.ep_rank)
 
     def _maybe_resume(self) -> None:
-        if self.checkpoints is None or (step := self.checkpoints.latest_step()) is None:
+        if self.checkpoints is None:
             return
-        rank_file = f"rank_{self.rank:05d}.pt"
-        names = [rank_file] + ([self._model_file()] if self._model_file() else [])
-        # Onto the CPU: torch.set_rng_state takes a CPU tensor, and DeepSpeed/torch copy the rest
-        # to the parameters' device as they load it.
-        files = self.checkpoints.load(step, names, torch.device("cpu"))
-        state, e = files[rank_file], self.engine
-        if self._model_file():
-            e.module.load_state_dict(files[self._model_file()]["model"])
-        # ZeRO indexes the list by this rank's position in its data-parallel group; the other
-        # entries are only read when the data-parallel size changed, which check_layout refuses.
-        partitions = [None] * self.groups.dp_size
-        partitions[self.groups.dp_rank] = state["optimizer"]
-        e.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
-        self.scheduler.load_state_dict(state["scheduler"])
-        for key, value in state["engine"].items():
-            setattr(e, key, value)
-        for key, value in state["trainer"].items():
-            setattr(self, key, value)
-        self.loader.load_state_dict(state["loader"])
-        if state["memory"] is not None:
-            self.memory = [(k.to(self.device), v.to(self.device)) for k, v in state["memory"]]
-            self.memory_valid_BM = state["memory_valid"].to(self.device)
-        set_rng_state(state["rng"])
-        if self.rank == 0:
+        model = ModelState(self.engine.module) if self._model_file() else None
+        step = self.checkpoints.restore(self.pieces, model, self._model_file(), dataclasses.asdict(self.cfg))
+        if step is not None and self.rank == 0:
             logger.info("resumed from %s at step %d", self.checkpoints.directory, self.step)
 
     def save(self) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.save(self.step, self.checkpoint_files(), self.job.to_dict())
+        if self.checkpoints is None:
+            return
+        # The first rank of each distinct (TP rank, EP rank) shard writes it.
+        writes_model = self._model_file() is not None and self.groups.edp_rank == 0
+        self.checkpoints.save_state(self.step, self.pieces, ModelState(self.engine.module) if writes_model else None,
+                                    self._model_file(), self.job.to_dict(), dataclasses.asdict(self.cfg))
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when `ok` on every rank (on this rank's device: NCCL reduces no CPU tensors)."""
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.item() > 0
 
     def _on_signal(self, signum: int, frame) -> None:
         self.stop_signal = signum  # acted on at the next step boundary, once every rank agrees
@@ -292,21 +322,6 @@ class Trainer:
         self.save()
         return 0
 
-    def _memory_inputs(self, reset_B: torch.Tensor) -> tuple[list | None, torch.Tensor | None]:
-        """Memory and key mask [B, M + T] for the next window; restarted rows' memory is masked."""
-        if self.memory is None:
-            return None, None
-        keep_BM = self.memory_valid_BM & ~reset_B[:, None]
-        B, T = reset_B.shape[0], self.cfg.block_size
-        return self.memory, torch.cat([keep_BM, keep_BM.new_ones(B, T)], dim=1)
-
-    def _remember(self, memory: list, mask_BS: torch.Tensor | None) -> None:
-        """Keep the new memory and which of its positions are valid (its last M of the mask)."""
-        M = memory[0][0].shape[1]
-        if mask_BS is None:
-            mask_BS = torch.ones(memory[0][0].shape[0], self.cfg.block_size, dtype=torch.bool, device=self.device)
-        self.memory, self.memory_valid_BM = memory, mask_BS[:, mask_BS.shape[1] - M:]
-
     def train_step(self, collect: bool) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; metrics only when `collect`."""
         engine, plan, model = self.engine, self.plan, self.engine.module
@@ -321,13 +336,13 @@ class Trainer:
         counts: dict[str, torch.Tensor] = {}
         for batch in batches:
             input_ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
-            memory, mask_BS = self._memory_inputs(batch.reset_memory.to(self.device))
+            memory, mask_BS = self.memory.inputs(batch.reset_memory, self.cfg.block_size)
             out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
                          collect_expert_stats=collect)
             loss = out.lm_loss_sum * scale + model.weighted_aux_loss(out.aux_losses)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update at the last micro-batch only
-            self._remember(out.memory, mask_BS)
+            self.memory.remember(out.memory, mask_BS)
             if collect:
                 sums += torch.stack([out.lm_loss_sum.detach()] +
                                     [out.aux_losses[n].detach() for n in AUX_LOSS_NAMES]).double()
@@ -339,7 +354,7 @@ class Trainer:
         else:  # DeepSpeed skipped the update: the global gradient norm was not finite
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
-            self.memory = None  # never carry non-finite keys/values into the next window
+            self.memory.reset()  # never carry non-finite keys/values into the next window
         if not collect:
             return {}
         return self._step_metrics(sums, counts, num_tokens.item(), lr)
@@ -374,16 +389,14 @@ class Trainer:
         """Held-out loss and perplexity over `train.eval_steps` windows per rank, with memory."""
         self.engine.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        saved = (self.memory, self.memory_valid_BM)
-        self.memory = self.memory_valid_BM = None
+        stream = StreamMemory(self.device)  # its own: the training streams' memory stays as it is
         # Every rank has the same number of windows, so all take part in each forward (EP all-to-all).
         for batch in itertools.islice(self.make_valid_loader(), self.job.train.eval_steps):
-            memory, mask_BS = self._memory_inputs(batch.reset_memory.to(self.device))
+            memory, mask_BS = stream.inputs(batch.reset_memory, self.cfg.block_size)
             out = self.engine(batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
                               attention_mask=mask_BS, memory=memory)
-            self._remember(out.memory, mask_BS)
+            stream.remember(out.memory, mask_BS)
             totals += torch.stack([out.lm_loss_sum.double(), out.num_label_tokens.double()])
-        self.memory, self.memory_valid_BM = saved
         dist.all_reduce(totals, group=self.groups.dp_group)
         self.engine.train()
         loss = (totals[0] / totals[1].clamp(min=1)).item()

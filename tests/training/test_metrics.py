@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -61,3 +62,27 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     logger.log({"loss/lm": 1.0}, step=1)
     logger.close()
     assert capsys.readouterr().out == "" and not (tmp_path / "m").exists()
+
+
+def test_an_empty_metrics_dir_writes_no_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logger = MetricsLogger("", total_steps=5, tensorboard=True, enabled=True)
+    logger.log({"loss/lm": 1.0}, step=1)
+    logger.close()
+    assert capsys.readouterr().out == "step 1/5 | loss 1.0000\n" and os.listdir(tmp_path) == []
+
+
+def test_wandb_is_imported_only_when_enabled_and_named_when_missing(tmp_path):
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; this checks the error of a machine without it")
+    logger = MetricsLogger(str(tmp_path), total_steps=5, tensorboard=False, enabled=True, wandb=False)
+    logger.log({"loss/lm": 1.0}, step=1)
+    logger.close()
+    assert "wandb" not in sys.modules
+    with pytest.raises(ValueError) as e:
+        MetricsLogger(str(tmp_path), total_steps=5, tensorboard=False, enabled=True, wandb=True, wandb_mode="offline")
+    assert str(e.value) == ("metrics.wandb is true but the Python package `wandb` is not installed: pip install wandb, "
+                            "or leave metrics.wandb false")

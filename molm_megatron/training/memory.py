@@ -1,0 +1,58 @@
+"""The Transformer-XL memory of B parallel streams (Dai et al., 2019): the previous window's
+detached keys/values per layer and which of their positions are valid.
+
+Training, validation and perplexity evaluation each hold one `StreamMemory` and call, per window,
+`inputs(reset_B, T)` (what the model's `memory` and `attention_mask` take) then `remember(out.memory,
+mask)`. A row whose stream restarts (`reset_B`) has its memory masked out rather than dropped, so
+the rows of a batch keep one shape. State survives a checkpoint through state_dict/load_state_dict.
+
+Legend: B rows (streams), M memory tokens per row, T window tokens, S = M + T keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StreamMemory:
+    """Memory of the previous window per row, and its valid mask [B, M]; empty until the first window."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v), [B, M, nh, hs] each
+        self.valid_BM: torch.Tensor | None = None  # False where a restarted row's memory is stale
+
+    def reset(self) -> None:
+        """Forget everything (e.g. after a non-finite step: never carry its keys/values on)."""
+        self.kv = self.valid_BM = None
+
+    def inputs(self, reset_B: torch.Tensor, T: int) -> tuple[list | None, torch.Tensor | None]:
+        """`memory` and `attention_mask` [B, M + T] for the next window of T tokens; the rows in
+        `reset_B` start a new stream, so their memory is masked. (None, None) when empty."""
+        if self.kv is None:
+            return None, None
+        keep_BM = self.valid_BM & ~reset_B.to(self.valid_BM.device)[:, None]
+        return self.kv, torch.cat([keep_BM, keep_BM.new_ones(keep_BM.shape[0], T)], dim=1)
+
+    def remember(self, memory: list, mask_BS: torch.Tensor | None) -> None:
+        """Keep the model's `out.memory` and which of its positions are valid: the last M positions
+        of the window's key mask (all valid when the window had none)."""
+        M = memory[0][0].shape[1]
+        if mask_BS is None:
+            self.valid_BM = torch.ones(memory[0][0].shape[0], M, dtype=torch.bool, device=memory[0][0].device)
+        else:
+            self.valid_BM = mask_BS[:, mask_BS.shape[1] - M:]
+        self.kv = memory
+
+    def state_dict(self) -> dict:
+        """CPU copies (a checkpoint must not depend on the device it was written from)."""
+        if self.kv is None:
+            return {"kv": None, "valid": None}
+        return {"kv": [(k.cpu(), v.cpu()) for k, v in self.kv], "valid": self.valid_BM.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["kv"] is None:
+            self.reset()
+            return
+        self.kv = [(k.to(self.device), v.to(self.device)) for k, v in state["kv"]]
+        self.valid_BM = state["valid"].to(self.device)
