@@ -46,6 +46,18 @@ class ModelConfig:
     """MLP experts per layer."""
     k_mlp: int = 2
     """MLP experts chosen per token."""
+    n_att_experts_per_layer: list[int] = dataclasses.field(default_factory=list)
+    """Attention experts of each layer, one entry per layer (a pruned model); empty: `n_att_experts` in
+    every layer. Counts include inserted experts."""
+    n_mlp_experts_per_layer: list[int] = dataclasses.field(default_factory=list)
+    """MLP experts of each layer, one entry per layer (a pruned model); empty: `n_mlp_experts` in every
+    layer. Counts include inserted experts."""
+    n_new_att_experts: int = 0
+    """The last n attention experts of every layer are inserted experts (continual learning), stored as
+    separate parameters so they can train while the old ones stay frozen."""
+    n_new_mlp_experts: int = 0
+    """The last n MLP experts of every layer are inserted experts (continual learning), stored as
+    separate parameters so they can train while the old ones stay frozen."""
     activation_function: str = "gelu_new"
     """MLP expert activation; the published models use GELU with the tanh approximation."""
     sample_topk: int = 0
@@ -83,6 +95,14 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.att_hidden // self.n_head
 
+    def att_experts(self, layer: int) -> int:
+        """Attention experts of `layer` (inserted ones included)."""
+        return self.n_att_experts_per_layer[layer] if self.n_att_experts_per_layer else self.n_att_experts
+
+    def mlp_experts(self, layer: int) -> int:
+        """MLP experts of `layer` (inserted ones included)."""
+        return self.n_mlp_experts_per_layer[layer] if self.n_mlp_experts_per_layer else self.n_mlp_experts
+
     def validate(self) -> None:
         """Raise ValueError naming the field and both values on an inconsistent config."""
         positive = ("vocab_size", "block_size", "n_embd", "n_layer", "n_head", "att_hidden",
@@ -92,10 +112,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.history_length < 0:
             raise ValueError(f"model.history_length must be >= 0, got {self.history_length}")
-        if self.k_att > self.n_att_experts:
-            raise ValueError(f"model.k_att ({self.k_att}) exceeds model.n_att_experts ({self.n_att_experts})")
-        if self.k_mlp > self.n_mlp_experts:
-            raise ValueError(f"model.k_mlp ({self.k_mlp}) exceeds model.n_mlp_experts ({self.n_mlp_experts})")
+        for kind in ("att", "mlp"):
+            self._validate_expert_counts(kind)
         if self.att_hidden % self.n_head:
             raise ValueError(f"model.att_hidden ({self.att_hidden}) is not divisible by model.n_head ({self.n_head})")
         if not 0 <= self.sample_topk <= min(self.k_att, self.k_mlp):
@@ -111,6 +129,27 @@ class ModelConfig:
         if self.tie_word_embeddings:
             raise ValueError("model.tie_word_embeddings must be False (MoLM unties the head)")
 
+    def _validate_expert_counts(self, kind: str) -> None:
+        """Per-layer list length, and k <= count and n_new < count in every layer, for 'att' or 'mlp'."""
+        per_layer: list[int] = getattr(self, f"n_{kind}_experts_per_layer")
+        k, n_new = getattr(self, f"k_{kind}"), getattr(self, f"n_new_{kind}_experts")
+        if per_layer and len(per_layer) != self.n_layer:
+            raise ValueError(f"model.n_{kind}_experts_per_layer has {len(per_layer)} entries; "
+                             f"model.n_layer is {self.n_layer}")
+        if n_new < 0:
+            raise ValueError(f"model.n_new_{kind}_experts must be >= 0, got {n_new}")
+        # Name the field the count came from: the uniform one, or the layer's list entry.
+        counts = ([(f"model.n_{kind}_experts_per_layer[{i}]", n) for i, n in enumerate(per_layer)] if per_layer
+                  else [(f"model.n_{kind}_experts", getattr(self, f"n_{kind}_experts"))])
+        for name, count in counts:
+            if count <= 0:
+                raise ValueError(f"{name} must be positive, got {count}")
+            if k > count:
+                raise ValueError(f"model.k_{kind} ({k}) exceeds {name} ({count})")
+            if n_new >= count:
+                # At least one old expert: inserted experts extend a router, they do not replace it.
+                raise ValueError(f"model.n_new_{kind}_experts ({n_new}) must be less than {name} ({count})")
+
     @property
     def kv_is_identity(self) -> bool:
         """Published rule: keys and values are the hidden states themselves (no k/v projection)."""
@@ -121,25 +160,30 @@ class ModelConfig:
         """Parameter count from the config alone; `active` counts only the k chosen experts.
 
         `embedding=False` leaves out the token-embedding table (a lookup, no FLOPs); the paper's
-        Table 1 sizes (350M / 700M active) round these counts.
+        Table 1 sizes (350M / 700M active) round these counts. Routers count all their rows also
+        when `active`: every token scores every expert.
         """
-        d, L = self.n_embd, self.n_layer
-        router = lambda E: d * self.gating_size + self.gating_size + self.gating_size * E  # noqa: E731
-        e_att = self.k_att if active else self.n_att_experts
-        e_mlp = self.k_mlp if active else self.n_mlp_experts
+        d, g = self.n_embd, self.gating_size
+        router = lambda E: d * g + g + g * E  # noqa: E731
         kv = 0 if self.kv_is_identity else 2 * (d * self.att_hidden + self.att_hidden)
-        attn = router(self.n_att_experts) + e_att * 2 * d * self.att_hidden + kv
-        mlp = router(self.n_mlp_experts) + e_mlp * 2 * d * self.ffd_hidden
         norms = 2 * 2 * d
+        layers = 0
+        for layer in range(self.n_layer):
+            E_att, E_mlp = self.att_experts(layer), self.mlp_experts(layer)
+            e_att = self.k_att if active else E_att
+            e_mlp = self.k_mlp if active else E_mlp
+            attn = router(E_att) + e_att * 2 * d * self.att_hidden + kv
+            mlp = router(E_mlp) + e_mlp * 2 * d * self.ffd_hidden
+            layers += attn + mlp + norms
         emb = self.vocab_size * d if embedding else 0
-        return L * (attn + mlp + norms) + self.vocab_size * d + emb + 2 * d
+        return layers + self.vocab_size * d + emb + 2 * d
 
     def flops_per_token(self, seq_len: int, history: int | None = None) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) of the active path.
 
-        6 * active matmul parameters (embedding lookup excluded, head included) plus the
-        attention score and value products: per layer 2 (QK^T and AV) * 2 FLOPs * k_att * att_hidden
-        * keys attended (half the segment on average plus the memory), times 3.
+        6 * active matmul parameters (embedding lookup excluded, head included; per layer, see
+        num_params) plus the attention score and value products: per layer 2 (QK^T and AV) * 2 FLOPs
+        * k_att * att_hidden * keys attended (half the segment on average plus the memory), times 3.
         """
         history = self.history_length if history is None else history
         dense = self.num_params(active=True, embedding=False)
