@@ -13,7 +13,10 @@ softmax over all E experts:
 - switch (Fedus et al. 2021, eqs. 4-6): E * sum_e f_e P_e, f_e the fraction of assignments routed
   to e, P_e = p(e); with the router z-loss (Zoph et al. 2022, eq. 5): mean_t logsumexp(logits_t)^2;
 - routing regularisation (continual learning): ||W_e_new||, the norm of the router's output rows
-  of inserted experts.
+  of inserted experts (the router's `new_weight`).
+
+Each loss is summed over routers and layers, then weighted by its own config coefficient
+(`weighted_aux_loss`); the model returns that weighted sum, so the trainer adds it as it is.
 
 The published code includes padding tokens in these statistics; we exclude them.
 Legend: T tokens, E experts, K experts per token.
@@ -22,6 +25,8 @@ Legend: T tokens, E experts, K experts per token.
 from __future__ import annotations
 
 import torch
+
+from molm_megatron.config import ModelConfig
 
 AUX_LOSS_NAMES = ("mi", "concentration", "switch", "z", "routing_reg")
 
@@ -65,9 +70,10 @@ def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tenso
     return _masked_mean(torch.logsumexp(logits_TE, dim=-1) ** 2, valid_T)
 
 
-def routing_regularization(new_rows_NE: torch.Tensor) -> torch.Tensor:
-    """||W_e_new||: Frobenius norm of the router rows of inserted experts (0 when none)."""
-    return new_rows_NE.norm() if new_rows_NE.numel() else new_rows_NE.new_zeros(())
+def routing_regularization(new_weight_NG: torch.Tensor) -> torch.Tensor:
+    """||W_e_new||: Frobenius norm of the router rows of inserted experts [N_new, gating_size]."""
+    # At least fp32: the sum of many small bf16 squares would round away.
+    return torch.linalg.vector_norm(new_weight_NG, dtype=torch.promote_types(new_weight_NG.dtype, torch.float32))
 
 
 def router_aux_losses(
@@ -75,13 +81,30 @@ def router_aux_losses(
     logits_TE: torch.Tensor,
     experts_TK: torch.Tensor,
     valid_T: torch.Tensor | None,
-    new_rows_NE: torch.Tensor,
+    new_weight_NG: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
-    """All auxiliary losses of one router, keyed by AUX_LOSS_NAMES."""
+    """All auxiliary losses of one router, keyed by AUX_LOSS_NAMES; `new_weight_NG` is the router's
+    rows of inserted experts (`Router.new_weight`, None without inserted experts)."""
     return {
         "mi": mutual_information_loss(probs_TE, valid_T),
         "concentration": load_concentration_loss(probs_TE, valid_T),
         "switch": switch_loss(probs_TE, experts_TK, valid_T),
         "z": z_loss(logits_TE, valid_T),
-        "routing_reg": routing_regularization(new_rows_NE),
+        "routing_reg": probs_TE.new_zeros(()) if new_weight_NG is None else routing_regularization(new_weight_NG),
     }
+
+
+def loss_weights(cfg: ModelConfig) -> dict[str, float]:
+    """The coefficient of each aux loss in the training loss (absent: weight 0). The load-balancing
+    loss is the one named by `aux_loss_type` ('mi' or 'switch')."""
+    weights = {cfg.aux_loss_type: cfg.aux_loss_weight, "concentration": cfg.concentration_loss_weight,
+               "z": cfg.z_loss_weight, "routing_reg": cfg.routing_reg_weight}
+    return {name: w for name, w in weights.items() if w}
+
+
+def weighted_aux_loss(aux_losses: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """sum_name weight_name * aux_losses[name] (weights from `loss_weights`); a 0-dim tensor."""
+    total = next(iter(aux_losses.values())).new_zeros(())
+    for name, w in loss_weights(cfg).items():
+        total = total + w * aux_losses[name]
+    return total

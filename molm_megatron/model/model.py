@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 from molm_megatron.config import ModelConfig
-from molm_megatron.model.losses import AUX_LOSS_NAMES, expert_marginal, router_aux_losses
+from molm_megatron.model.losses import AUX_LOSS_NAMES, router_aux_losses, weighted_aux_loss
 
 # (keys, values) of one layer, each [B, S, nh, hs].
 LayerMemory = tuple[torch.Tensor, torch.Tensor]
@@ -38,56 +39,116 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class ParallelExperts(nn.Module):
-    """E independent linear maps in one tensor, weight [E, in, out] as published (y = x @ W[e])."""
+    """E independent linear maps in one tensor, weight [E, in, out] as published (y = x @ W[e]).
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int):
+    With inserted experts (continual learning) the last `num_new_experts` maps live in a separate
+    parameter `new_weight` [E_new, in, out], so they can train while `weight` [E - E_new, in, out]
+    stays frozen (a frozen tensor then gets no optimizer state); `full_weight()` is what the kernels
+    compute with.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, num_new_experts: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        if not 0 <= num_new_experts < num_experts:
+            raise ValueError(f"num_new_experts ({num_new_experts}) must be in [0, num_experts ({num_experts}))")
+        self.weight = nn.Parameter(torch.empty(num_experts - num_new_experts, in_features, out_features))
+        if num_new_experts:
+            self.new_weight = nn.Parameter(torch.empty(num_new_experts, in_features, out_features))
+        else:
+            self.register_parameter("new_weight", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Published init: uniform(-1/in, 1/in) (not Kaiming's 1/sqrt(in)).
         bound = 1.0 / self.weight.shape[1]
-        nn.init.uniform_(self.weight, -bound, bound)
+        for w in (self.weight, self.new_weight):
+            if w is not None:
+                nn.init.uniform_(w, -bound, bound)
+
+    def full_weight(self) -> torch.Tensor:
+        """[E, in, out]: the old experts, then the inserted ones (no copy without inserted experts)."""
+        return self.weight if self.new_weight is None else torch.cat([self.weight, self.new_weight])
 
 
 @dataclass
 class RouterOutput:
-    gates_TK: torch.Tensor  # selected probabilities, NOT renormalised (published semantics)
+    gates_TK: torch.Tensor  # selected probabilities, NOT renormalised (published semantics); or ones
     experts_TK: torch.Tensor
     probs_TE: torch.Tensor  # softmax over all experts, at least fp32
     logits_TE: torch.Tensor
 
 
-class Router(nn.Module):
-    """logits = W_e GELU(W_in x + b); p = softmax(logits); top-k of p; gates = the chosen p.
+# A router scorer: x [T, in_features] -> logits [T, E] (EMoE scores each expert by its key centroid).
+Scorer = Callable[[torch.Tensor], torch.Tensor]
 
-    One implementation for attention and MLP experts. `w_gate` indices 0 / 3 match the published
-    keys (index 2 is the router dropout). `num_new_experts` marks the last rows of W_e as inserted
-    experts for the routing regularisation of continual learning.
+
+class Router(nn.Module):
+    """logits = scorer(x); p = softmax(logits); top-k of p; gates = the chosen p (or 1).
+
+    One implementation for attention and MLP experts. The default scorer is the published MLP
+    `W_e GELU(W_in x + b)`, held as `w_gate` whose indices 0 / 3 match the published keys (index 2
+    is the router dropout). With inserted experts, `w_gate.3.weight` holds the old rows of W_e and
+    `new_weight` [E_new, gating_size] the rows of the `num_new_experts` last experts, a parameter of
+    its own so that it alone can train (and be regularised). `scorer` replaces the MLP (no
+    `w_gate` then); `unit_gates` gives every chosen expert the gate 1 (EMoE's avg-k gate: no
+    gradient reaches the scorer through the gates).
     """
 
-    def __init__(self, n_embd: int, num_experts: int, k: int, gating_size: int, dropout: float, sample_topk: int):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int,
+        gating_size: int = 256,
+        *,
+        num_new_experts: int = 0,
+        dropout: float = 0.0,
+        sample_topk: int = 0,
+        scorer: Scorer | None = None,
+        unit_gates: bool = False,
+    ):
         super().__init__()
-        self.k = k
-        self.sample_topk = sample_topk
-        self.num_new_experts = 0
-        self.w_gate = nn.Sequential(
-            nn.Linear(n_embd, gating_size),
-            nn.GELU(),  # exact erf GELU, as published
-            nn.Dropout(dropout),
-            nn.Linear(gating_size, num_experts, bias=False),
-        )
+        if not 0 < k <= num_experts:
+            raise ValueError(f"k ({k}) must be in [1, num_experts ({num_experts})]")
+        if not 0 <= num_new_experts < num_experts:
+            raise ValueError(f"num_new_experts ({num_new_experts}) must be in [0, num_experts ({num_experts}))")
+        if scorer is not None and num_new_experts:
+            raise ValueError("a custom scorer scores all experts itself: num_new_experts must be 0")
+        self.num_experts, self.num_new_experts, self.k = num_experts, num_new_experts, k
+        self.sample_topk, self.unit_gates = sample_topk, unit_gates
+        self.scorer = scorer
+        if scorer is None:
+            self.w_gate = nn.Sequential(
+                nn.Linear(in_features, gating_size),
+                nn.GELU(),  # exact erf GELU, as published
+                nn.Dropout(dropout),
+                nn.Linear(gating_size, num_experts - num_new_experts, bias=False),
+            )
+        if num_new_experts:
+            self.new_weight = nn.Parameter(torch.empty(num_new_experts, gating_size))
+        else:
+            self.register_parameter("new_weight", None)
+
+    def full_weight(self) -> torch.Tensor:
+        """W_e [E, gating_size]: the old rows, then the inserted experts' rows."""
+        w = self.w_gate[3].weight
+        return w if self.new_weight is None else torch.cat([w, self.new_weight])
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        if self.scorer is not None:
+            logits_TE = self.scorer(x_TD)
+        else:
+            logits_TE = F.linear(self.w_gate[:3](x_TD), self.full_weight())
         # Softmax and top-k in fp32: near-ties in bf16 would flip expert choices between runs.
-        logits_TE = at_least_fp32(self.w_gate(x_TD))
+        logits_TE = at_least_fp32(logits_TE)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.training and self.sample_topk > 0:
             experts_TK = self._sample_experts(probs_TE)
             gates_TK = probs_TE.gather(1, experts_TK)
         else:
             gates_TK, experts_TK = probs_TE.topk(self.k, dim=-1)
+        if self.unit_gates:
+            gates_TK = torch.ones_like(gates_TK)
         return RouterOutput(gates_TK, experts_TK, probs_TE, logits_TE)
 
     def _sample_experts(self, probs_TE: torch.Tensor) -> torch.Tensor:
@@ -99,11 +160,6 @@ class Router(nn.Module):
         sampled = torch.multinomial(rest, self.sample_topk)
         return torch.cat([top_TK, sampled], dim=-1)
 
-    def new_rows(self) -> torch.Tensor:
-        """The router rows (W_e) of inserted experts, [num_new_experts, gating_size]."""
-        w = self.w_gate[3].weight
-        return w[w.shape[0] - self.num_new_experts:]
-
 
 @dataclass
 class Routed:
@@ -112,7 +168,6 @@ class Routed:
     router: RouterOutput
     index: kernels.Routing
     valid_T: torch.Tensor | None  # False for padding tokens, left out of losses and statistics
-    new_rows: torch.Tensor  # the router rows of inserted experts (routing regularisation)
 
 
 class MoE(nn.Module):
@@ -121,31 +176,32 @@ class MoE(nn.Module):
 
     As the SMoE feed-forward layer (`forward`): y = sum_e p_e W_out[e] act(W_in[e] x).
     As MoA's query/output projections, MoA calls `route`, `map`, then attention, then `reduce`.
+    The router (`gate`) sets the number of experts, of inserted experts and k.
     """
 
-    def __init__(self, cfg: ModelConfig, num_experts: int, k: int, hidden: int, activation: str | None):
+    def __init__(self, gate: Router, in_features: int, hidden: int, out_features: int, activation: str | None):
         super().__init__()
-        self.k = k
-        self.gate = Router(cfg.n_embd, num_experts, k, cfg.gating_size, cfg.moe_pdrop, cfg.sample_topk)
-        self.experts = ParallelExperts(num_experts, cfg.n_embd, hidden)
-        self.output_experts = ParallelExperts(num_experts, hidden, cfg.n_embd)
+        self.gate = gate
+        self.k = gate.k
+        self.experts = ParallelExperts(gate.num_experts, in_features, hidden, gate.num_new_experts)
+        self.output_experts = ParallelExperts(gate.num_experts, hidden, out_features, gate.num_new_experts)
         self.activation = activation
 
     def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> Routed:
         r = self.gate(x_TD)
-        return Routed(r, kernels.route(r.experts_TK, r.probs_TE.shape[1]), valid_T, self.gate.new_rows())
+        return Routed(r, kernels.route(r.experts_TK, r.probs_TE.shape[1]), valid_T)
 
     def map(self, x_TD: torch.Tensor, routed: Routed, grouped_out: bool = False) -> torch.Tensor:
         """Per-assignment hidden states: [N, hidden], flat (token-major) order unless grouped_out."""
         # K from the routing, not self.k: the expert-parallel dispatcher calls the experts on
         # received rows that carry one assignment each (K = 1).
         k = routed.router.experts_TK.shape[1]
-        return kernels.parallel_linear(x_TD, self.experts.weight, k, routed.index, grouped_out=grouped_out)
+        return kernels.parallel_linear(x_TD, self.experts.full_weight(), k, routed.index, grouped_out=grouped_out)
 
     def reduce(self, h_N: torch.Tensor, routed: Routed, grouped_in: bool = False) -> torch.Tensor:
-        """Gated sum over the K choices of each token: [T, D]."""
+        """Gated sum over the K choices of each token: [T, out_features]."""
         gates_TK = routed.router.gates_TK.to(h_N.dtype)
-        return kernels.parallel_linear(h_N, self.output_experts.weight, 1, routed.index,
+        return kernels.parallel_linear(h_N, self.output_experts.full_weight(), 1, routed.index,
                                        grouped_in=grouped_in, gates_TK=gates_TK)
 
     def expert_mlp(self, x_TD: torch.Tensor, routed: Routed) -> torch.Tensor:
@@ -153,12 +209,18 @@ class MoE(nn.Module):
         reduce(act(map(x))), with the activation fused into the matmuls on GPU."""
         k = routed.router.experts_TK.shape[1]  # from the routing, as in `map`
         gates_TK = routed.router.gates_TK.to(x_TD.dtype)
-        return kernels.scattered_mlp(x_TD, self.experts.weight, self.output_experts.weight, k, routed.index,
-                                     gates_TK, self.activation)
+        return kernels.scattered_mlp(x_TD, self.experts.full_weight(), self.output_experts.full_weight(), k,
+                                     routed.index, gates_TK, self.activation)
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, Routed]:
         routed = self.route(x_TD, valid_T)
         return self.expert_mlp(x_TD, routed), routed
+
+
+def config_router(cfg: ModelConfig, num_experts: int, num_new_experts: int, k: int) -> Router:
+    """The published MLP router of a MoLM layer, sized from the config."""
+    return Router(cfg.n_embd, num_experts, k, cfg.gating_size, num_new_experts=num_new_experts,
+                  dropout=cfg.moe_pdrop, sample_topk=cfg.sample_topk)
 
 
 class MoA(nn.Module):
@@ -168,9 +230,10 @@ class MoA(nn.Module):
     attends over the shared key/value head h; y = sum_r g_r Wo[e_r] o_r.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_experts: int):
         super().__init__()
-        self.q_proj = MoE(cfg, cfg.n_att_experts, cfg.k_att, cfg.att_hidden, activation=None)
+        gate = config_router(cfg, num_experts, cfg.n_new_att_experts, cfg.k_att)
+        self.q_proj = MoE(gate, cfg.n_embd, cfg.att_hidden, cfg.n_embd, activation=None)
         if cfg.kv_is_identity:
             # Published MoLM (one 1024-wide head): keys and values are the normed hidden states.
             self.k_proj, self.v_proj = nn.Identity(), nn.Identity()
@@ -217,14 +280,16 @@ class MoA(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block: h += MoA(LN1(h)); h += SMoE(LN2(h))."""
+    """Pre-LN block: h += MoA(LN1(h)); h += SMoE(LN2(h)). Layer `layer`'s expert counts come from
+    the config (a pruned model has its own per layer)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = MoA(cfg)
+        self.attn = MoA(cfg, cfg.att_experts(layer))
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.mlpf = MoE(cfg, cfg.n_mlp_experts, cfg.k_mlp, cfg.ffd_hidden, activation=cfg.activation_function)
+        gate = config_router(cfg, cfg.mlp_experts(layer), cfg.n_new_mlp_experts, cfg.k_mlp)
+        self.mlpf = MoE(gate, cfg.n_embd, cfg.ffd_hidden, cfg.n_embd, activation=cfg.activation_function)
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, h_BTD, valid_T, key_mask_BS, memory, memory_length):
@@ -239,14 +304,14 @@ class Block(nn.Module):
 @dataclass
 class MoLMOutput:
     logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None  # lm_loss + weighted aux losses
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss
     lm_loss: torch.Tensor | None = None  # mean cross entropy over labels != -100
     lm_loss_sum: torch.Tensor | None = None
     num_label_tokens: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over routers and layers
+    aux_loss: torch.Tensor | None = None  # the weighted sum of aux_losses (losses.weighted_aux_loss)
     memory: list[LayerMemory] | None = None
-    expert_stats: dict[str, torch.Tensor] | None = None  # 'layer{N}.attn' -> token counts [E]
-    router_probs_mean: dict[str, torch.Tensor] | None = None  # 'layer{N}.attn' -> p(e) [E]
+    expert_stats: dict[str, torch.Tensor] | None = None  # 'layer{N}.attn' -> assignment counts [E]
 
 
 class MoLMTransformer(nn.Module):
@@ -257,7 +322,7 @@ class MoLMTransformer(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
     def forward(self, input_ids, attention_mask, memory, memory_length):
@@ -296,6 +361,8 @@ def init_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, ParallelExperts):
         module.reset_parameters()
+    elif isinstance(module, Router) and module.new_weight is not None:
+        nn.init.normal_(module.new_weight, mean=0.0, std=std)  # the rows of W_e (a Linear) get the same
 
 
 class LMHead(nn.Linear):
@@ -316,7 +383,32 @@ class LMHead(nn.Linear):
 
 class MoLM(nn.Module):
     """The ModuleFormer language model: what users ask of a model lives here (forward with losses,
-    parameter counts, FLOPs per token, init, generate)."""
+    parameter counts, FLOPs per token, init, generate).
+
+    `tp_plan` and `ep_plan` state how tensor and expert parallelism split this model, as data read
+    by the generic apply functions of molm_megatron/parallel (module path pattern, fnmatch over the
+    whole path -> style; the styles are defined there). Another model class (a converted dense
+    model) supplies its own tables.
+    """
+
+    # Every parameter must fall under an entry (its module or the nearest ancestor that matches),
+    # so a new parameter cannot be missed silently.
+    tp_plan: ClassVar[dict[str, str]] = {
+        "transformer.wte": "vocab",
+        "transformer.h.*.ln_1": "replicate",
+        "transformer.h.*.attn": "replicate",  # attention experts whole: attention sits between their projections
+        "transformer.h.*.ln_2": "replicate",
+        "transformer.h.*.mlpf": "expert_regions",
+        "transformer.h.*.mlpf.gate": "replicate",  # identical routing on every TP rank
+        "transformer.h.*.mlpf.experts": "expert_column",
+        "transformer.h.*.mlpf.output_experts": "expert_row",
+        "transformer.ln_f": "replicate",
+        "lm_head": "vocab",
+    }
+    # Only the SMoE layers; MoA's experts stay whole on every rank.
+    ep_plan: ClassVar[dict[str, str]] = {
+        "transformer.h.*.mlpf": "dispatch",
+    }
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -350,27 +442,27 @@ class MoLM(nn.Module):
         out = MoLMOutput(logits=logits, memory=new_memory)
 
         out.aux_losses = {name: at_least_fp32(logits.new_zeros(())) for name in AUX_LOSS_NAMES}
-        for routed_pair in routing:
-            for routed in routed_pair:
+        for block, routed_pair in zip(self.transformer.h, routing):
+            for moe, routed in zip((block.attn.q_proj, block.mlpf), routed_pair):
                 r = routed.router
-                losses = router_aux_losses(r.probs_TE, r.logits_TE, r.experts_TK, routed.valid_T, routed.new_rows)
+                losses = router_aux_losses(r.probs_TE, r.logits_TE, r.experts_TK, routed.valid_T, moe.gate.new_weight)
                 for name, value in losses.items():
                     out.aux_losses[name] = out.aux_losses[name] + value
+        out.aux_loss = weighted_aux_loss(out.aux_losses, cfg)
         if collect_expert_stats:
-            out.expert_stats, out.router_probs_mean = {}, {}
+            out.expert_stats = {}
             for i, routed_pair in enumerate(routing):
                 for kind, routed in zip(("attn", "mlpf"), routed_pair):
                     r, valid = routed.router, routed.valid_T
                     chosen = r.experts_TK if valid is None else r.experts_TK[valid]
-                    num_experts = r.probs_TE.shape[1]
-                    out.expert_stats[f"layer{i}.{kind}"] = torch.bincount(chosen.reshape(-1), minlength=num_experts)
-                    out.router_probs_mean[f"layer{i}.{kind}"] = expert_marginal(r.probs_TE, valid).detach()
+                    out.expert_stats[f"layer{i}.{kind}"] = torch.bincount(chosen.reshape(-1),
+                                                                          minlength=r.probs_TE.shape[1])
 
         if labels is not None:
             out.lm_loss_sum = self.cross_entropy_sum(logits, labels)
             out.num_label_tokens = (labels != -100).sum()
             out.lm_loss = out.lm_loss_sum / out.num_label_tokens.clamp(min=1)
-            out.loss = out.lm_loss + self.weighted_aux_loss(out.aux_losses)
+            out.loss = out.lm_loss + out.aux_loss
         return out
 
     def cross_entropy_sum(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -379,13 +471,6 @@ class MoLM(nn.Module):
         # fp32: bf16 logits lose the small probabilities of a 50k vocabulary.
         return F.cross_entropy(at_least_fp32(logits_BTV).view(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1),
                                ignore_index=-100, reduction="sum")
-
-    def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """sum_name weight_name * aux_losses[name], weights from the config."""
-        cfg = self.config
-        weights = {cfg.aux_loss_type: cfg.aux_loss_weight, "concentration": cfg.concentration_loss_weight,
-                   "z": cfg.z_loss_weight, "routing_reg": cfg.routing_reg_weight}
-        return sum(w * aux_losses[name] for name, w in weights.items() if w)
 
     @torch.no_grad()
     def generate(

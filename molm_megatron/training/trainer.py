@@ -33,7 +33,7 @@ import yaml
 
 from molm_megatron.config import JobConfig, ModelConfig
 from molm_megatron.model import MoLM
-from molm_megatron.model.losses import AUX_LOSS_NAMES
+from molm_megatron.model.losses import AUX_LOSS_NAMES, weighted_aux_loss
 from molm_megatron.training.checkpoint import CheckpointManager, ModelState, RNGState, model_file
 from molm_megatron.training.memory import StreamMemory
 from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load_metrics, memory_metrics,
@@ -324,7 +324,7 @@ class Trainer:
 
     def train_step(self, collect: bool) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; metrics only when `collect`."""
-        engine, plan, model = self.engine, self.plan, self.engine.module
+        engine, plan = self.engine, self.plan
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         # Fetch the step's micro-batches first: the loss scale needs the global valid-token count.
         batches = [next(self.loader) for _ in range(plan.grad_accum_steps)]
@@ -339,7 +339,7 @@ class Trainer:
             memory, mask_BS = self.memory.inputs(batch.reset_memory, self.cfg.block_size)
             out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
                          collect_expert_stats=collect)
-            loss = out.lm_loss_sum * scale + model.weighted_aux_loss(out.aux_losses)
+            loss = out.lm_loss_sum * scale + out.aux_loss
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update at the last micro-batch only
             self.memory.remember(out.memory, mask_BS)
@@ -370,7 +370,8 @@ class Trainer:
         metrics = {"loss/lm": lm}
         for i, name in enumerate(AUX_LOSS_NAMES):
             metrics[f"loss/{name}"] = flat[1 + i].item() / num_micro
-        aux = self.engine.module.weighted_aux_loss({n: torch.tensor(metrics[f"loss/{n}"]) for n in AUX_LOSS_NAMES})
+        aux = weighted_aux_loss({n: torch.tensor(metrics[f"loss/{n}"]) for n in AUX_LOSS_NAMES},
+                                self.engine.module.config)
         metrics["loss/total"] = lm + float(aux)
         offset = 1 + len(AUX_LOSS_NAMES)
         reduced, position = {}, offset

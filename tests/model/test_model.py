@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from molm_megatron.config import ModelConfig, model_preset
 from molm_megatron.model import MoLM
-from molm_megatron.model.model import MoE
+from molm_megatron.model.model import MoE, Router
 
 
 def make(preset="tiny", seed=0, **overrides):
@@ -207,3 +207,89 @@ def test_config_errors_name_the_field():
         model_preset("tiny", bogus=1)
     with pytest.raises(ValueError, match="aux_loss_type"):
         dataclasses.replace(ModelConfig(), aux_loss_type="cv").validate()
+
+
+# ---- shape fields: per-layer expert counts (a pruned model) and inserted experts -----------------
+
+SHAPED = dict(n_att_experts_per_layer=[4, 3], n_mlp_experts_per_layer=[8, 5], n_new_att_experts=1,
+              n_new_mlp_experts=2)
+
+
+def test_per_layer_counts_and_inserted_experts_build_and_count_as_by_hand():
+    model = make(**SHAPED)
+    layer1 = model.transformer.h[1]
+    assert layer1.mlpf.experts.weight.shape == (3, 64, 128) and layer1.mlpf.experts.new_weight.shape == (2, 64, 128)
+    assert layer1.mlpf.output_experts.new_weight.shape == (2, 128, 64)
+    assert layer1.mlpf.gate.w_gate[3].weight.shape == (3, 32) and layer1.mlpf.gate.new_weight.shape == (2, 32)
+    assert layer1.attn.q_proj.experts.weight.shape == (2, 64, 64) and layer1.attn.q_proj.gate.new_weight.shape == (1, 32)
+    # Hand count, tiny preset (d 64, gating 32, att_hidden 64, ffd 128, vocab 512, identity k/v):
+    # a router is 64*32 + 32 + 32*E, an attention expert 2*64*64, an MLP expert 2*64*128, norms 4*64.
+    router = lambda E: 64 * 32 + 32 + 32 * E  # noqa: E731
+    layer0 = router(4) + 4 * 8192 + router(8) + 8 * 16384 + 256
+    layer1 = router(3) + 3 * 8192 + router(5) + 5 * 16384 + 256
+    head_and_norm = 512 * 64 + 2 * 64
+    assert model.num_params() == layer0 + layer1 + 512 * 64 + head_and_norm == 345472
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    active = (router(4) + 2 * 8192 + router(8) + 2 * 16384 + 256) + (router(3) + 2 * 8192 + router(5) + 2 * 16384 + 256)
+    assert model.num_params(active=True, embedding=False) == active + head_and_norm
+    cfg = model.config
+    assert cfg.flops_per_token(32) == 6.0 * (active + head_and_norm) + 3.0 * 2 * 2 * 2 * 2 * 64 * (32 + 33 / 2)
+
+
+def test_shape_field_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"model.n_mlp_experts_per_layer has 3 entries; model.n_layer is 2"):
+        model_preset("tiny", n_mlp_experts_per_layer=[8, 8, 8])
+    with pytest.raises(ValueError, match=r"model.k_mlp \(2\) exceeds model.n_mlp_experts_per_layer\[1\] \(1\)"):
+        model_preset("tiny", n_mlp_experts_per_layer=[8, 1])
+    with pytest.raises(ValueError, match=r"model.n_new_att_experts \(3\) must be less than "
+                                         r"model.n_att_experts_per_layer\[1\] \(3\)"):
+        model_preset("tiny", n_att_experts_per_layer=[4, 3], n_new_att_experts=3)
+    with pytest.raises(ValueError, match=r"model.n_new_mlp_experts \(8\) must be less than model.n_mlp_experts \(8\)"):
+        model_preset("tiny", n_new_mlp_experts=8)
+
+
+def concatenated(model: MoLM) -> MoLM:
+    """The same weights with the inserted experts stored as ordinary ones (one tensor each)."""
+    plain = MoLM(dataclasses.replace(model.config, n_new_att_experts=0, n_new_mlp_experts=0)).double().eval()
+    state = dict(model.state_dict())
+    for key in [k for k in state if k.endswith("new_weight")]:
+        target = key.replace("gate.new_weight", "gate.w_gate.3.weight").replace("new_weight", "weight")
+        state[target] = torch.cat([state[target], state.pop(key)])
+    plain.load_state_dict(state)
+    return plain
+
+
+def test_inserted_experts_compute_as_ordinary_experts_and_regularise_their_router_rows():
+    model = make(**SHAPED, aux_loss_weight=0.0, routing_reg_weight=0.5)
+    plain = concatenated(model)
+    ids = torch.randint(0, 512, (2, 10))
+    out, ref = model(ids, labels=ids), plain(ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits)
+    for name in ("mi", "concentration", "switch", "z"):
+        torch.testing.assert_close(out.aux_losses[name], ref.aux_losses[name])
+    # routing_reg is the norm of each router's new_weight, summed over the 4 routers; only it is weighted.
+    gates = [m.gate for block in model.transformer.h for m in (block.attn.q_proj, block.mlpf)]
+    norms = sum(math.sqrt((g.new_weight ** 2).sum().item()) for g in gates)
+    assert math.isclose(out.aux_losses["routing_reg"].item(), norms, rel_tol=1e-12)
+    assert ref.aux_losses["routing_reg"].item() == 0.0
+    torch.testing.assert_close(out.aux_loss, 0.5 * out.aux_losses["routing_reg"])
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    # Gradients reach both parts; the old rows' gradient equals the concatenated model's old rows.
+    out.loss.backward()
+    (ref.lm_loss + ref.aux_loss).backward()
+    mlp, mlp_ref = model.transformer.h[1].mlpf, plain.transformer.h[1].mlpf
+    torch.testing.assert_close(mlp.experts.weight.grad, mlp_ref.experts.weight.grad[:3])
+    torch.testing.assert_close(mlp.experts.new_weight.grad, mlp_ref.experts.weight.grad[3:])
+    w = mlp.gate.new_weight
+    torch.testing.assert_close(mlp.gate.new_weight.grad - mlp_ref.gate.w_gate[3].weight.grad[3:], 0.5 * w / w.norm())
+    assert model(ids).expert_stats is None  # statistics only when asked
+
+
+def test_router_with_a_custom_scorer_and_unit_gates():
+    centroids_ED = torch.randn(6, 16, dtype=torch.float64)
+    router = Router(16, 6, 3, scorer=lambda x: x @ centroids_ED.T, unit_gates=True)
+    assert not any(True for _ in router.parameters())  # no w_gate: the scorer is the whole gate
+    x = torch.randn(5, 16, dtype=torch.float64)
+    out = router(x)
+    assert torch.equal(out.experts_TK, (x @ centroids_ED.T).topk(3, dim=-1).indices)
+    assert torch.equal(out.gates_TK, torch.ones(5, 3, dtype=torch.float64))

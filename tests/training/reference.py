@@ -51,7 +51,7 @@ def reference_run(cfg: ModelConfig, prefix: str, split: str, dp: int, micro_batc
                     valid = valid & ~b.reset_memory[:, None]
                     mask = torch.cat([valid, torch.ones_like(b.input_ids, dtype=torch.bool)], dim=1)
                 out = model(b.input_ids, labels=b.labels, attention_mask=mask, memory=mem)
-                loss = out.lm_loss_sum / n_global + model.weighted_aux_loss(out.aux_losses) / (dp * accum)
+                loss = out.lm_loss_sum / n_global + out.aux_loss / (dp * accum)
                 loss.backward()
                 full_mask = mask if mask is not None else torch.ones_like(b.input_ids, dtype=torch.bool)
                 M = out.memory[0][0].shape[1]
