@@ -10,6 +10,11 @@ from transformers import PretrainedConfig
 from molm_megatron.config import ModelConfig
 
 _FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+# Shape fields the published config.json does not have (per-layer counts of a pruned model, inserted
+# experts): written only when set, so a uniform model without inserted experts exports the published
+# config; absent on load, they take their defaults.
+_OPTIONAL_SHAPE_FIELDS = ("n_att_experts_per_layer", "n_mlp_experts_per_layer", "n_new_att_experts",
+                          "n_new_mlp_experts")
 
 
 class ModuleFormerConfig(PretrainedConfig):
@@ -33,6 +38,14 @@ class ModuleFormerConfig(PretrainedConfig):
         kwargs.setdefault("eos_token_id", defaults.eos_token_id)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        defaults = ModelConfig()
+        for name in _OPTIONAL_SHAPE_FIELDS:
+            if name in out and out[name] == getattr(defaults, name):
+                del out[name]
+        return out
 
     def to_model_config(self) -> ModelConfig:
         """Our ModelConfig, validated."""

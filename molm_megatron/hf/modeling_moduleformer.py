@@ -1,12 +1,16 @@
 """`ModuleFormerForCausalLM`: the Hugging Face model of the published MoLM checkpoints.
 
 It holds our own `MoLMTransformer` under `transformer` and an untied `lm_head`, so its keys are the
-published ones with no renaming (KEY_MAP below lists the only differences) and its logits are the
-training model's by construction. `generate()` uses HF's DynamicCache, which keeps every token, as
-the published model's cache does.
+published ones and its logits are the training model's by construction. The key map to and from the
+training model is the identity except for the two lists below: the unused published buffers, and
+the inserted experts (continual learning), which the training model keeps in tensors of their own
+and the published format holds as the last rows of each expert tensor. `generate()` uses HF's
+DynamicCache, which keeps every token, as the published model's cache does.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -14,6 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from molm_megatron.config import ModelConfig
 from molm_megatron.hf.configuration_moduleformer import ModuleFormerConfig
 from molm_megatron.model.model import LMHead, MoLM, MoLMTransformer, init_weights
 
@@ -21,6 +26,46 @@ from molm_megatron.model.model import LMHead, MoLM, MoLMTransformer, init_weight
 # mask and a cumulative-sum matrix that the published code precomputes). Written on save so the
 # published code loads our exports without missing keys; ignored on load.
 UNUSED_PUBLISHED_BUFFERS = (r"transformer\.h\.\d+\.attn\.mask", r"transformer\.h\.\d+\.attn\.cum_weight")
+
+# Inserted experts: the training model's separate tensor (suffix of a router or MoE key) -> the
+# published tensor whose last rows (dim 0, after the old experts) it becomes. The config keeps
+# n_new_att_experts / n_new_mlp_experts, so a reload splits them off again.
+INSERTED_EXPERT_KEYS = {
+    "gate.new_weight": "gate.w_gate.3.weight",
+    "experts.new_weight": "experts.weight",
+    "output_experts.new_weight": "output_experts.weight",
+}
+
+
+def published_layout(cfg: ModelConfig) -> ModelConfig:
+    """The same model with its inserted experts stored as ordinary ones (one tensor per published key)."""
+    return dataclasses.replace(cfg, n_new_att_experts=0, n_new_mlp_experts=0)
+
+
+def merge_inserted_experts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training state dict in the published layout: each `new_weight` appended to its published key."""
+    out = dict(state_dict)
+    for key in list(out):
+        for ours, published in INSERTED_EXPERT_KEYS.items():
+            if key.endswith("." + ours):
+                target = key[: -len(ours)] + published
+                out[target] = torch.cat([out[target], out.pop(key)])
+    return out
+
+
+def split_inserted_experts(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of merge_inserted_experts: the last n_new rows of each published expert tensor
+    become the training model's `new_weight` (n_new from the config)."""
+    out = dict(state_dict)
+    for i in range(cfg.n_layer):
+        for moe, n_new in ((f"transformer.h.{i}.attn.q_proj.", cfg.n_new_att_experts),
+                           (f"transformer.h.{i}.mlpf.", cfg.n_new_mlp_experts)):
+            if not n_new:
+                continue
+            for ours, published in INSERTED_EXPERT_KEYS.items():
+                full = out[moe + published]
+                out[moe + published], out[moe + ours] = full[:-n_new], full[-n_new:]
+    return out
 
 
 class ModuleFormerPreTrainedModel(PreTrainedModel):
@@ -36,7 +81,8 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
 class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
     def __init__(self, config: ModuleFormerConfig):
         super().__init__(config)
-        self.transformer = MoLMTransformer(config.to_model_config())
+        # Inserted experts as ordinary ones: the published keys; the computation is the same.
+        self.transformer = MoLMTransformer(published_layout(config.to_model_config()))
         self.lm_head = LMHead(config.n_embd, config.vocab_size)
         self.post_init()
 
@@ -78,15 +124,16 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_molm(cls, model: MoLM) -> "ModuleFormerForCausalLM":
-        """An HF model holding a copy of a training model's weights (key for key)."""
+        """An HF model holding a copy of a training model's weights (key for key, inserted experts
+        appended to the published tensors)."""
         hf = cls(ModuleFormerConfig.from_model_config(model.config))
-        hf.load_state_dict(model.state_dict())
+        hf.load_state_dict(merge_inserted_experts(model.state_dict()))
         return hf.to(next(model.parameters()).dtype)
 
     def to_molm(self) -> MoLM:
         """A training model with this model's weights."""
         model = MoLM(self.config.to_model_config())
-        model.load_state_dict(self.state_dict())
+        model.load_state_dict(split_inserted_experts(self.state_dict(), model.config))
         return model.to(self.dtype)
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs):

@@ -26,15 +26,16 @@ def published_keys_and_shapes(cfg):
             "transformer.ln_f.bias": [d], "lm_head.weight": [cfg.vocab_size, d]}
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
+        E_att, E_mlp = cfg.att_experts(i), cfg.mlp_experts(i)  # inserted experts included
         keys.update({p + "ln_1.weight": [d], p + "ln_1.bias": [d], p + "ln_2.weight": [d], p + "ln_2.bias": [d],
-                     p + "attn.q_proj.experts.weight": [cfg.n_att_experts, d, cfg.att_hidden],
-                     p + "attn.q_proj.output_experts.weight": [cfg.n_att_experts, cfg.att_hidden, d],
+                     p + "attn.q_proj.experts.weight": [E_att, d, cfg.att_hidden],
+                     p + "attn.q_proj.output_experts.weight": [E_att, cfg.att_hidden, d],
                      p + "attn.q_proj.gate.w_gate.0.weight": [g, d], p + "attn.q_proj.gate.w_gate.0.bias": [g],
-                     p + "attn.q_proj.gate.w_gate.3.weight": [cfg.n_att_experts, g],
-                     p + "mlpf.experts.weight": [cfg.n_mlp_experts, d, cfg.ffd_hidden],
-                     p + "mlpf.output_experts.weight": [cfg.n_mlp_experts, cfg.ffd_hidden, d],
+                     p + "attn.q_proj.gate.w_gate.3.weight": [E_att, g],
+                     p + "mlpf.experts.weight": [E_mlp, d, cfg.ffd_hidden],
+                     p + "mlpf.output_experts.weight": [E_mlp, cfg.ffd_hidden, d],
                      p + "mlpf.gate.w_gate.0.weight": [g, d], p + "mlpf.gate.w_gate.0.bias": [g],
-                     p + "mlpf.gate.w_gate.3.weight": [cfg.n_mlp_experts, g],
+                     p + "mlpf.gate.w_gate.3.weight": [E_mlp, g],
                      p + "attn.mask": [n, n], p + "attn.cum_weight": [n, n]})
         if not (cfg.n_head == 1 and cfg.att_hidden == d):
             keys.update({p + "attn.k_proj.weight": [cfg.att_hidden, d], p + "attn.k_proj.bias": [cfg.att_hidden],
@@ -42,9 +43,9 @@ def published_keys_and_shapes(cfg):
     return keys
 
 
-def make(preset="tiny", seed=0):
+def make(preset="tiny", seed=0, **overrides):
     torch.manual_seed(seed)
-    return MoLM(model_preset(preset)).eval()
+    return MoLM(model_preset(preset, **overrides)).eval()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-multihead"])
@@ -142,3 +143,34 @@ def test_cli_round_trip_and_bf16_export(tmp_path):
     torch.save({"model": {}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt: not a model file \\(no 'config' entry\\)"):
         convert_main(["to-hf", "--model-file", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_inserted_experts_and_per_layer_counts_export_in_the_published_layout_and_split_on_reload(tmp_path):
+    model = make(n_att_experts_per_layer=[4, 3], n_mlp_experts_per_layer=[8, 5], n_new_att_experts=1,
+                 n_new_mlp_experts=2)
+    export_hf(model, tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        # The inserted experts are the last rows of the published tensors.
+        mlp = model.transformer.h[1].mlpf
+        assert torch.equal(f.get_tensor("transformer.h.1.mlpf.experts.weight")[3:], mlp.experts.new_weight)
+        assert torch.equal(f.get_tensor("transformer.h.1.mlpf.gate.w_gate.3.weight")[:3], mlp.gate.w_gate[3].weight)
+    assert saved == published_keys_and_shapes(model.config)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["n_att_experts_per_layer"], config["n_mlp_experts_per_layer"]) == ([4, 3], [8, 5])
+    assert (config["n_new_att_experts"], config["n_new_mlp_experts"]) == (1, 2)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    back = import_hf(tmp_path / "hf")
+    assert back.config == model.config
+    assert sorted(back.state_dict()) == sorted(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_a_uniform_model_exports_only_the_published_config_fields(tmp_path):
+    export_hf(make(), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    new_fields = {"n_att_experts_per_layer", "n_mlp_experts_per_layer", "n_new_att_experts", "n_new_mlp_experts"}
+    assert not new_fields & set(config)
