@@ -12,18 +12,13 @@ The engine calls, on every rank, after `torch.distributed` is initialised:
 
 from torch import nn
 
-from molm_megatron.parallel.expert_parallel import (
-    EP_PLAN,
-    ExpertParallelDispatcher,
-    apply_expert_parallel,
-    expert_param_groups,
-)
+from molm_megatron.parallel.expert_parallel import ExpertParallelDispatcher, apply_expert_parallel, expert_param_groups
 from molm_megatron.parallel.groups import ParallelGroups, destroy_parallel, init_parallel, validate_layout
 from molm_megatron.parallel.sharding import Shard, full_state_dict, gather_full, load_full_state_dict, shard_tensor
-from molm_megatron.parallel.tensor_parallel import TP_PLAN, apply_tensor_parallel
+from molm_megatron.parallel.tensor_parallel import apply_tensor_parallel
 
 __all__ = [
-    "EP_PLAN", "TP_PLAN", "ExpertParallelDispatcher", "ParallelGroups", "Shard", "apply_expert_parallel",
+    "ExpertParallelDispatcher", "ParallelGroups", "Shard", "apply_expert_parallel",
     "apply_tensor_parallel", "destroy_parallel", "expert_param_groups", "full_state_dict", "gather_full",
     "init_parallel", "load_full_state_dict", "parallelize", "shard_tensor", "validate_layout",
 ]

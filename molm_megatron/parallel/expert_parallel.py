@@ -33,14 +33,9 @@ import torch.nn as nn
 
 import kernels
 from molm_megatron.model.model import MoE, Routed, RouterOutput
-from molm_megatron.parallel.groups import ParallelGroups, check_divides
+from molm_megatron.parallel.groups import ParallelGroups, check_divides, check_no_inserted_experts
 from molm_megatron.parallel.sharding import shard_parameter
-
-# Module path pattern -> style. Only the SMoE layers; MoA's experts stay whole on every rank.
-EP_PLAN: dict[str, str] = {
-    "transformer.h.*.mlpf": "dispatch",
-}
-
+from molm_megatron.parallel.tensor_parallel import model_plan
 
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits, differentiable: the backward is the reverse exchange.
@@ -91,7 +86,7 @@ def _single_choice_routing(local_expert_M: torch.Tensor, num_local: int, dtype: 
     empty = torch.empty(experts_M1.shape[0], 0, device=experts_M1.device)
     router = RouterOutput(gates_TK=torch.ones(experts_M1.shape, dtype=dtype, device=experts_M1.device),
                           experts_TK=experts_M1, probs_TE=empty, logits_TE=empty)
-    return Routed(router, kernels.route(experts_M1, num_local), None, empty)
+    return Routed(router, kernels.route(experts_M1, num_local), None)
 
 
 class ExpertParallelDispatcher:
@@ -143,8 +138,9 @@ class ExpertParallelDispatcher:
         return torch.bmm(gates_TK.unsqueeze(1), y_flat_ND.view(T, K, -1)).squeeze(1)
 
 
-def apply_expert_parallel(model: nn.Module, groups: ParallelGroups, plan: dict[str, str] = EP_PLAN) -> nn.Module:
-    """Keep this rank's E/ep MLP experts of every layer in `plan` and route tokens to the others.
+def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Keep this rank's E/ep MLP experts of every layer its `ep_plan` marks 'dispatch' and route
+    tokens to the others.
 
     Slices `mlpf.experts.weight` and `mlpf.output_experts.weight` along the expert dim, tags them
     for DeepSpeed (`allreduce = False`, `group_name`) and wraps `mlpf.expert_mlp` with the
@@ -152,12 +148,17 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups, plan: dict[s
     """
     if groups.ep_size == 1:
         return model
+    plan = model_plan(model, "ep_plan")
     for path, module in list(model.named_modules()):
-        if not any(fnmatch.fnmatchcase(path, pattern) for pattern in plan):
+        styles = {style for pattern, style in plan.items() if fnmatch.fnmatchcase(path, pattern)}
+        if not styles:
             continue
+        if styles != {"dispatch"}:
+            raise ValueError(f"{path}: unknown expert-parallel style(s) {sorted(styles)}; known: 'dispatch'")
         if not isinstance(module, MoE):
             raise TypeError(f"{path}: expert parallelism applies to MoE layers, not {type(module).__name__}")
-        num_experts = module.experts.weight.shape[0]
+        num_experts = module.gate.num_experts
+        check_no_inserted_experts(groups.ep_size, module.gate.num_new_experts, where=f"{path}: ")
         check_divides("parallel.expert_parallel_size", groups.ep_size, "model.n_mlp_experts", num_experts,
                       where=f"{path}: ")
         for experts in (module.experts, module.output_experts):

@@ -1,5 +1,5 @@
-"""Tensor parallelism (TP) for MoLM, stated as data: `TP_PLAN` maps module paths to styles and
-`apply_tensor_parallel` reads it. Megatron-LM's scheme (Shoeybi et al., "Megatron-LM", 2019,
+"""Tensor parallelism (TP) for MoLM, stated as data: the model class's `tp_plan` maps module paths
+to the styles defined here (`STYLES`) and `apply_tensor_parallel` reads it. Megatron-LM's scheme (Shoeybi et al., "Megatron-LM", 2019,
 sec. 3): an input that enters a split computation passes a *copy* region (identity forward,
 all-reduce of its gradient backward); a partial output leaves through a *reduce* region
 (all-reduce forward, identity backward). We use megatron-core's two mapping functions for these.
@@ -40,22 +40,6 @@ from megatron.core.tensor_parallel.mappings import (
 from molm_megatron.model.model import Routed, at_least_fp32
 from molm_megatron.parallel.groups import ParallelGroups, check_divides
 from molm_megatron.parallel.sharding import shard_parameter
-
-# Module path pattern (fnmatch, whole path) -> style. Every parameter must fall under an entry
-# (its module or the nearest ancestor that matches), so a new parameter cannot be missed silently.
-TP_PLAN: dict[str, str] = {
-    "transformer.wte": "vocab",
-    "transformer.h.*.ln_1": "replicate",
-    "transformer.h.*.attn": "replicate",  # attention experts whole: attention sits between their projections
-    "transformer.h.*.ln_2": "replicate",
-    "transformer.h.*.mlpf": "expert_regions",
-    "transformer.h.*.mlpf.gate": "replicate",  # identical routing on every TP rank
-    "transformer.h.*.mlpf.experts": "expert_column",
-    "transformer.h.*.mlpf.output_experts": "expert_row",
-    "transformer.ln_f": "replicate",
-    "lm_head": "vocab",
-}
-
 
 class VocabParallelEmbedding(nn.Module):
     """nn.Embedding with its rows (vocabulary) split over TP ranks: weight [V_local, D].
@@ -175,7 +159,10 @@ def _expert_split(dim: int) -> Callable[[nn.Module, str, nn.Module, ParallelGrou
         # Even widths, as megatron-core requires: an uneven split would idle the narrower ranks.
         check_divides("parallel.tensor_parallel_size", groups.tp_size, "model.ffd_hidden", module.weight.shape[dim],
                       where=f"{path}: ")
-        shard_parameter(module, "weight", "tp", dim, groups)
+        # Inserted experts (`new_weight`) split the same way, so `full_weight()` concatenates shards.
+        for name in ("weight", "new_weight"):
+            if getattr(module, name, None) is not None:
+                shard_parameter(module, name, "tp", dim, groups)
     return apply
 
 
@@ -199,6 +186,14 @@ def plan_style(plan: dict[str, str], path: str) -> str | None:
     return matches[0] if matches else None
 
 
+def model_plan(model: nn.Module, attribute: str) -> dict[str, str]:
+    """The model class's parallel plan table (`tp_plan` or `ep_plan`); TypeError if it has none."""
+    plan = getattr(model, attribute, None)
+    if not isinstance(plan, dict):
+        raise TypeError(f"{type(model).__name__} has no {attribute} table (module path pattern -> style)")
+    return plan
+
+
 def check_plan_covers(model: nn.Module, plan: dict[str, str]) -> None:
     """ValueError naming the first parameter that no plan entry (on its module or an ancestor) covers."""
     for name, _ in model.named_parameters():
@@ -207,8 +202,8 @@ def check_plan_covers(model: nn.Module, plan: dict[str, str]) -> None:
             raise ValueError(f"the parallel plan has no entry for parameter {name!r}; add its module to the plan")
 
 
-def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, plan: dict[str, str] = TP_PLAN) -> nn.Module:
-    """Split `model` (a plain MoLM, same initial weights on every rank) in place by `plan`.
+def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Split `model` (a plain MoLM, same initial weights on every rank) in place by its `tp_plan`.
 
     Afterwards `model(...)` on each TP rank takes the same inputs as the plain model and returns
     the same loss and aux losses; `out.logits` is this rank's vocabulary shard [B, T, V_local].
@@ -216,6 +211,7 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, plan: dict[s
     """
     if groups.tp_size == 1:
         return model
+    plan = model_plan(model, "tp_plan")
     check_plan_covers(model, plan)
     for path, module in list(model.named_modules()):
         style = plan_style(plan, path)

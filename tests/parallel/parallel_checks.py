@@ -47,6 +47,12 @@ def tiny_config(**overrides):
     return model_preset("tiny", **fields)
 
 
+def inserted_config():
+    """Inserted attention and MLP experts, a pruned second layer, the routing regularisation weighted."""
+    return tiny_config(n_att_experts_per_layer=[4, 3], n_mlp_experts_per_layer=[8, 6], n_new_att_experts=1,
+                       n_new_mlp_experts=2, routing_reg_weight=0.1)
+
+
 def make_batches(cfg, num_shards: int) -> list[dict]:
     """One (memory segment, training segment) pair per DP shard, identical on every rank."""
     g = torch.Generator().manual_seed(20261123)
@@ -197,6 +203,10 @@ def checks_world2() -> dict[str, Callable[[], dict]]:
         "ep2_param_groups": lambda: with_layout(1, 2, lambda g: param_group_facts(g, cfg)),
         "ep2_bad_experts": lambda: with_layout(1, 2, lambda g: {"error": error_text(
             lambda: apply_expert_parallel(MoLM(tiny_config(n_mlp_experts=5)), g))}),
+        # Inserted experts (separate tensors) and per-layer counts: TP splits both parts of each expert tensor.
+        "tp2_inserted": lambda: with_layout(2, 1, lambda g: compare_layout(g, inserted_config())),
+        "ep2_inserted": lambda: with_layout(1, 2, lambda g: {"error": error_text(
+            lambda: apply_expert_parallel(MoLM(inserted_config()), g))}),
     }
 
 

@@ -108,6 +108,16 @@ def test_expert_count_not_divisible_is_refused(world2):
         "transformer.h.0.mlpf: parallel.expert_parallel_size (2) must divide model.n_mlp_experts (5)")
 
 
+def test_tp2_with_inserted_experts_matches_single_process(world2):
+    assert_matches_oracle(world2, "tp2_inserted")
+
+
+def test_expert_parallel_inserted_experts_are_refused(world2):
+    assert world2[0]["ep2_inserted"]["error"] == (
+        "transformer.h.0.mlpf: parallel.expert_parallel_size (2) > 1 with model.n_new_mlp_experts (2) > 0: "
+        "expert parallelism of inserted experts is not supported; use parallel.expert_parallel_size 1")
+
+
 # ---- 4 ranks ---------------------------------------------------------------------------------
 
 def test_ep2_dp2_matches_single_process(world4):
@@ -161,6 +171,11 @@ def test_layout_validation_against_the_model():
         validate_layout(3, 3, 1, tiny_config())
     assert str(e.value) == "parallel.tensor_parallel_size (3) must divide model.ffd_hidden (128)"
     validate_layout(8, 2, 4, tiny_config())  # 2 x 4 ranks, 8 experts, width 128: fine
+    with pytest.raises(ValueError) as e:
+        validate_layout(2, 1, 2, tiny_config(n_mlp_experts_per_layer=[8, 5]))
+    assert str(e.value) == "parallel.expert_parallel_size (2) must divide model.n_mlp_experts_per_layer[1] (5)"
+    with pytest.raises(ValueError, match=r"parallel.expert_parallel_size \(2\) > 1 with model.n_new_mlp_experts \(2\)"):
+        validate_layout(2, 1, 2, tiny_config(n_new_mlp_experts=2))
 
 
 def test_shard_range_is_balanced_and_covers():
