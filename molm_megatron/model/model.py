@@ -129,16 +129,16 @@ class Router(nn.Module):
         else:
             self.register_parameter("new_weight", None)
 
-    def full_weight(self) -> torch.Tensor:
-        """W_e [E, gating_size]: the old rows, then the inserted experts' rows."""
-        w = self.w_gate[3].weight
-        return w if self.new_weight is None else torch.cat([w, self.new_weight])
-
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        # w_gate[3] is called as a module, not read as a weight: ZeRO-3 gathers a partitioned
+        # parameter for its module's forward and backward only.
         if self.scorer is not None:
             logits_TE = self.scorer(x_TD)
+        elif self.new_weight is None:
+            logits_TE = self.w_gate(x_TD)
         else:
-            logits_TE = F.linear(self.w_gate[:3](x_TD), self.full_weight())
+            h_TG = self.w_gate[:3](x_TD)
+            logits_TE = torch.cat([self.w_gate[3](h_TG), F.linear(h_TG, self.new_weight)], dim=-1)  # old, then new
         # Softmax and top-k in fp32: near-ties in bf16 would flip expert choices between runs.
         logits_TE = at_least_fp32(logits_TE)
         probs_TE = logits_TE.softmax(dim=-1)
@@ -362,7 +362,7 @@ def init_weights(module: nn.Module, std: float) -> None:
     elif isinstance(module, ParallelExperts):
         module.reset_parameters()
     elif isinstance(module, Router) and module.new_weight is not None:
-        nn.init.normal_(module.new_weight, mean=0.0, std=std)  # the rows of W_e (a Linear) get the same
+        nn.init.normal_(module.new_weight, mean=0.0, std=std)  # as the old rows of W_e (an nn.Linear weight)
 
 
 class LMHead(nn.Linear):

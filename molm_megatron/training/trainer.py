@@ -33,7 +33,7 @@ import yaml
 
 from molm_megatron.config import JobConfig, ModelConfig
 from molm_megatron.model import MoLM
-from molm_megatron.model.losses import AUX_LOSS_NAMES, weighted_aux_loss
+from molm_megatron.model.losses import AUX_LOSS_NAMES
 from molm_megatron.training.checkpoint import CheckpointManager, ModelState, RNGState, model_file
 from molm_megatron.training.memory import StreamMemory
 from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load_metrics, memory_metrics,
@@ -332,7 +332,8 @@ class Trainer:
         dist.all_reduce(num_tokens, group=self.groups.dp_group)
         scale = plan.dp_size * plan.grad_accum_steps / num_tokens.clamp(min=1).item()
 
-        sums = torch.zeros(1 + len(AUX_LOSS_NAMES), dtype=torch.float64, device=self.device)
+        # [lm loss sum, weighted aux loss, each aux loss]
+        sums = torch.zeros(2 + len(AUX_LOSS_NAMES), dtype=torch.float64, device=self.device)
         counts: dict[str, torch.Tensor] = {}
         for batch in batches:
             input_ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
@@ -344,7 +345,7 @@ class Trainer:
             engine.step()  # DeepSpeed applies the update at the last micro-batch only
             self.memory.remember(out.memory, mask_BS)
             if collect:
-                sums += torch.stack([out.lm_loss_sum.detach()] +
+                sums += torch.stack([out.lm_loss_sum.detach(), out.aux_loss.detach()] +
                                     [out.aux_losses[n].detach() for n in AUX_LOSS_NAMES]).double()
                 for name, count_E in out.expert_stats.items():
                     counts[name] = counts.get(name, 0) + count_E
@@ -369,11 +370,10 @@ class Trainer:
         lm = flat[0].item() / max(num_tokens, 1.0)
         metrics = {"loss/lm": lm}
         for i, name in enumerate(AUX_LOSS_NAMES):
-            metrics[f"loss/{name}"] = flat[1 + i].item() / num_micro
-        aux = weighted_aux_loss({n: torch.tensor(metrics[f"loss/{n}"]) for n in AUX_LOSS_NAMES},
-                                self.engine.module.config)
-        metrics["loss/total"] = lm + float(aux)
-        offset = 1 + len(AUX_LOSS_NAMES)
+            metrics[f"loss/{name}"] = flat[2 + i].item() / num_micro
+        # The model's weighted aux loss, averaged like each aux loss (it is linear in them).
+        metrics["loss/total"] = lm + flat[1].item() / num_micro
+        offset = 2 + len(AUX_LOSS_NAMES)
         reduced, position = {}, offset
         for name in names:
             reduced[name] = flat[position:position + counts[name].numel()]
