@@ -78,6 +78,7 @@ class EMoECausalLM(nn.Module):
                 base.collect_expert_counts(False)
         out = MoLMOutput(logits=logits)
         out.aux_losses = {name: logits.new_zeros((), dtype=torch.float32) for name in AUX_LOSS_NAMES}
+        out.aux_loss = logits.new_zeros((), dtype=torch.float32)  # EMoE trains with the LM loss alone
         if collect_expert_stats:
             out.expert_stats = stats
         if labels is not None:
@@ -89,10 +90,6 @@ class EMoECausalLM(nn.Module):
             out.lm_loss = out.lm_loss_sum / out.num_label_tokens.clamp(min=1)
             out.loss = out.lm_loss
         return out
-
-    def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Zero: EMoE trains with the language-model loss alone."""
-        return sum(aux_losses.values())
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The EMoE folder (LoRA merged into the weights first when applied)."""
