@@ -7,8 +7,11 @@
 #   SCRIPT.py    entry point [pretrain.py]
 #
 # Examples:
-#   bash launch/local.sh -n 2 --config launch/configs/pretrain.yaml --model.preset tiny --train.steps 50
-#   bash launch/local.sh -n 8 -l deepspeed pretrain.py --config launch/configs/pretrain.yaml
+#   bash launch/local.sh -n 2 --config launch/configs/tiny_cpu.yaml --data.prefixes data/stdlib --train.steps 50
+#   bash launch/local.sh -n 8 -l deepspeed pretrain.py --config launch/configs/pretrain.yaml --model.preset molm-350m-4b
+#
+# (data/stdlib: `python -c 'import data_prep; data_prep.prepare_text_files(data_prep.stdlib_sources(4_000_000), "data/stdlib")'`;
+# data/pile, the default of pretrain.yaml: `python -m data_prep --format pile ...`, README "Data".)
 #
 # The rendezvous port is MASTER_PORT [a free port]; PYTHON [.venv/bin/python if present] runs it.
 # SIGUSR1 or SIGTERM to this script makes every rank save a checkpoint and stop (exit 75);

@@ -39,9 +39,11 @@ case ${LAUNCHER:-torchrun} in
     # SLURM sends (--signal), so torchrun must forward it too instead of dying from it
     # (--signals-to-handle needs torch >= 2.9: older ones fail here rather than lose a checkpoint).
     # It then gives the workers SAVE_TIMEOUT to save (its own default, 30 s, is short for a
-    # multi-GB checkpoint) before it kills them.
+    # multi-GB checkpoint) before it kills them. torchrun_exit.py is torchrun exiting with the
+    # workers' status (2 bad configuration, 3 non-finite, 75 stopped after a checkpoint) instead
+    # of its own tracebacks.
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SAVE_TIMEOUT:-300}
-    exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+    exec "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/torchrun_exit.py" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
       --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
       --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "$@"
     ;;
