@@ -34,6 +34,12 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-documents", type=int, default=None, help="use at most this many documents")
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing tokenizer folder at --out (a folder holding anything else is "
+                        "never replaced)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenizer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -41,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-codegen", help=f"write CodeGen's tokenizer (GPT-2 BPE + 38 whitespace tokens, "
                                              f"vocab {VOCAB_SIZE}) as a Hugging Face folder, offline")
     b.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_overwrite_arg(b)
 
     t = sub.add_parser("train", help="train a new tokenizer on a corpus (exact round trip)")
     _add_corpus_args(t)
@@ -49,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                         "bytelevel-bpe (Hugging Face folder)")
     t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size")
     t.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_overwrite_arg(t)
 
     e = sub.add_parser("extend", help="append BPE tokens learnt on a new language's corpus to a byte-level "
                                       "BPE tokenizer; existing ids unchanged, new ids from the old vocab size on")
@@ -57,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, required=True, help="number of tokens to add (at most)")
     e.add_argument("--min-frequency", type=int, default=2, help="ignore pairs seen fewer times")
     e.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_overwrite_arg(e)
     return p
 
 
@@ -65,13 +74,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         if args.command == "build-codegen":
-            out = build_codegen_tokenizer(args.out)
+            out = build_codegen_tokenizer(args.out, args.overwrite)
             print(f"wrote {out} (vocab {VOCAB_SIZE}, bos = eos = 50256)")
         elif args.command == "train":
-            out = train_tokenizer(_texts(args), args.kind, args.vocab_size, args.out)
+            out = train_tokenizer(_texts(args), args.kind, args.vocab_size, args.out, args.overwrite)
             print(f"wrote {out}")
         else:
-            out, new = extend_bytelevel_bpe(args.base, _texts(args), args.new_tokens, args.out, args.min_frequency)
+            out, new = extend_bytelevel_bpe(args.base, _texts(args), args.new_tokens, args.out, args.min_frequency,
+                                            args.overwrite)
             print(f"wrote {out}: {len(new)} new tokens, e.g. {new[:10]}")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ EOS_ID = 50256
 WHITESPACE_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 """CodeGen's added tokens in id order: ids 50257 + i."""
 VOCAB_SIZE = EOS_ID + 1 + len(WHITESPACE_TOKENS)  # 50295
+CODEGEN_TOKENIZER_CLASS = "CodeGenTokenizer"
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:
@@ -70,6 +71,7 @@ def codegen_tokenizer() -> Tokenizer:
     return tok
 
 
-def build_codegen_tokenizer(out_dir: str | Path) -> Path:
-    """Save CodeGen's tokenizer as a Hugging Face folder (`AutoTokenizer.from_pretrained(out_dir)`)."""
-    return save_hf_folder(codegen_tokenizer(), out_dir, EOS_TOKEN, "CodeGenTokenizer")
+def build_codegen_tokenizer(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Save CodeGen's tokenizer as a Hugging Face folder (`AutoTokenizer.from_pretrained(out_dir)`);
+    an existing tokenizer folder is replaced only with `overwrite`."""
+    return save_hf_folder(codegen_tokenizer(), out_dir, EOS_TOKEN, CODEGEN_TOKENIZER_CLASS, overwrite)

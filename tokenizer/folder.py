@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+from typing import Callable
 
 from tokenizers import Tokenizer
 
+from molm_megatron.outputs import check_folder_target, write_folder
+
 DEFAULT_EOS = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+"""Every file a tokenizer folder of ours holds (a SentencePiece folder holds only tokenizer.model)."""
 
 
 def eos_token_of(folder: Path) -> str:
@@ -20,17 +24,19 @@ def eos_token_of(folder: Path) -> str:
     return eos["content"] if isinstance(eos, dict) else eos
 
 
-def save_hf_folder(tok: Tokenizer, out_dir: str | Path, eos_token: str, tokenizer_class: str) -> Path:
+def save_hf_folder(tok: Tokenizer, out_dir: str | Path, eos_token: str, tokenizer_class: str,
+                   overwrite: bool = False) -> Path:
     """Write `tok` as a Hugging Face tokenizer folder; bos = eos = unk = `eos_token`.
 
-    The folder is written under a temporary name and renamed, so a folder with the final name is
-    always complete.
+    Written beside `out_dir` and renamed (molm_megatron.outputs): an existing tokenizer folder is
+    replaced only with `overwrite`, any other folder never.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok.save(str(tmp / "tokenizer.json"))
+    return write_tokenizer_folder(out_dir, lambda tmp: write_hf_files(tok, tmp, eos_token, tokenizer_class),
+                                  overwrite)
+
+
+def write_hf_files(tok: Tokenizer, folder: Path, eos_token: str, tokenizer_class: str) -> None:
+    """The files of a Hugging Face tokenizer folder, written into the existing `folder`."""
     special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
     config = {
         "tokenizer_class": tokenizer_class,
@@ -39,19 +45,16 @@ def save_hf_folder(tok: Tokenizer, out_dir: str | Path, eos_token: str, tokenize
         # transformers' clean-up would turn " ." into "." on decode and break the round trip.
         "clean_up_tokenization_spaces": False,
     }
-    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-    replace_dir(tmp, out_dir)
-    return out_dir
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder `tmp` to `out_dir`, replacing an older `out_dir`."""
-    # A directory cannot be renamed over a non-empty one: move the old one aside first. Between
-    # the two renames the final name is briefly absent, never half-written.
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def write_tokenizer_folder(out_dir: str | Path, write: Callable[[Path], object], overwrite: bool = False) -> Path:
+    """`write(tmp)` fills a temporary folder that then becomes the tokenizer folder `out_dir`."""
+    return write_folder(out_dir, write, "tokenizer folder", TOKENIZER_FILES, overwrite)
+
+
+def check_tokenizer_target(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Raise ValueError now if `out_dir` could not receive a tokenizer folder later."""
+    check_folder_target(out_dir, "tokenizer folder", TOKENIZER_FILES, overwrite)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -27,8 +28,9 @@ import sentencepiece as spm
 import tiktoken
 from tokenizers import Tokenizer
 
-from tokenizer.codegen import EOS_ID, EOS_TOKEN, WHITESPACE_TOKENS, codegen_tokenizer, gpt2_vocab_and_merges
-from tokenizer.folder import eos_token_of
+from tokenizer.codegen import (CODEGEN_TOKENIZER_CLASS, EOS_ID, EOS_TOKEN, WHITESPACE_TOKENS, codegen_tokenizer,
+                               gpt2_vocab_and_merges)
+from tokenizer.folder import TOKENIZER_FILES, eos_token_of, write_hf_files
 
 CODEGEN = "codegen"
 """Name accepted wherever a tokenizer folder is: the built-in CodeGen tokenizer, built in memory."""
@@ -183,3 +185,16 @@ def load_tokenizer(path: str | Path, backend: str = "auto") -> TextTokenizer:
     if backend == "tiktoken":
         raise ValueError(f"tokenizer {path}: the tiktoken backend only serves CodeGen's tokenizer")
     return HFTokenizer(tok, eod_token, f"{description} (tokenizers)")
+
+
+def copy_tokenizer_files(path: str | Path, dest: Path) -> None:
+    """Write the tokenizer `path` (a folder, or "codegen") into the existing folder `dest`, beside
+    other files (a model export): a Hugging Face folder's files are copied, CodeGen's written."""
+    if str(path) == CODEGEN:
+        write_hf_files(codegen_tokenizer(), dest, EOS_TOKEN, CODEGEN_TOKENIZER_CLASS)
+        return
+    names = [name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
+    if not names:
+        raise ValueError(f"tokenizer {path}: no {', '.join(TOKENIZER_FILES)} in it (or use {CODEGEN!r})")
+    for name in names:
+        shutil.copyfile(Path(path) / name, dest / name)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import io
 import json
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -29,19 +28,22 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tokenizer.codegen import EOS_TOKEN, codegen_tokenizer
-from tokenizer.folder import eos_token_of, replace_dir, save_hf_folder
+from tokenizer.folder import check_tokenizer_target, eos_token_of, save_hf_folder, write_tokenizer_folder
 from tokenizer.loading import CODEGEN
 
 SENTENCEPIECE_KINDS = ("sentencepiece-bpe", "sentencepiece-unigram")
 KINDS = SENTENCEPIECE_KINDS + ("bytelevel-bpe",)
 
 
-def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, out_dir: str | Path) -> Path:
-    """Train a tokenizer of `kind` (one of KINDS) on `texts` and save its folder to `out_dir`."""
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, out_dir: str | Path,
+                    overwrite: bool = False) -> Path:
+    """Train a tokenizer of `kind` (one of KINDS) on `texts` and save its folder to `out_dir`
+    (an existing tokenizer folder is replaced only with `overwrite`)."""
+    check_tokenizer_target(out_dir, overwrite)  # before the training, not after it
     if kind in SENTENCEPIECE_KINDS:
-        return train_sentencepiece(texts, kind.split("-")[1], vocab_size, out_dir)
+        return train_sentencepiece(texts, kind.split("-")[1], vocab_size, out_dir, overwrite)
     if kind == "bytelevel-bpe":
-        return train_bytelevel_bpe(texts, vocab_size, out_dir)
+        return train_bytelevel_bpe(texts, vocab_size, out_dir, overwrite)
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -56,7 +58,8 @@ def _lines(texts: Iterable[str], max_line_bytes: int) -> Iterator[str]:
                 line = line[cut:]
 
 
-def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, out_dir: str | Path) -> Path:
+def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, out_dir: str | Path,
+                        overwrite: bool = False) -> Path:
     """Train a SentencePiece `model_type` ("bpe" or "unigram") model; folder holds `tokenizer.model`.
 
     Ids: 0 `<unk>`, 1 `<s>`, 2 `</s>` (the end-of-document id), then bytes `<0x00>`..`<0xFF>`,
@@ -85,16 +88,11 @@ def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, 
         pad_id=-1,
         minloglevel=2,
     )
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "tokenizer.model").write_bytes(model.getvalue())
-    replace_dir(tmp, out_dir)
-    return out_dir
+    return write_tokenizer_folder(out_dir, lambda tmp: (tmp / "tokenizer.model").write_bytes(model.getvalue()),
+                                  overwrite)
 
 
-def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Train a GPT-2-style byte-level BPE; id 0 is `<|endoftext|>` (end of document)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -108,16 +106,17 @@ def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return save_hf_folder(tok, out_dir, EOS_TOKEN, "PreTrainedTokenizerFast")
+    return save_hf_folder(tok, out_dir, EOS_TOKEN, "PreTrainedTokenizerFast", overwrite)
 
 
 def extend_bytelevel_bpe(base_dir: str | Path, texts: Iterable[str], num_new_tokens: int, out_dir: str | Path,
-                         min_frequency: int = 2) -> tuple[Path, list[str]]:
+                         min_frequency: int = 2, overwrite: bool = False) -> tuple[Path, list[str]]:
     """Append up to `num_new_tokens` BPE tokens learnt on `texts` to the tokenizer in `base_dir`.
 
     Returns the output folder and the new tokens (byte-level strings) in id order. Existing ids,
     added tokens included, are unchanged; new ids start at the old vocabulary size.
     """
+    check_tokenizer_target(out_dir, overwrite)  # before the training, not after it
     base = codegen_tokenizer() if str(base_dir) == CODEGEN else Tokenizer.from_file(str(Path(base_dir) / "tokenizer.json"))
     eos_token = EOS_TOKEN if str(base_dir) == CODEGEN else eos_token_of(Path(base_dir))
     spec = json.loads(base.to_str())
@@ -144,7 +143,7 @@ def extend_bytelevel_bpe(base_dir: str | Path, texts: Iterable[str], num_new_tok
     spec["model"]["merges"] = [list(m) for m in _merge_pairs(spec["model"]["merges"])] + [list(m) for m in merges]
     extended = Tokenizer.from_str(json.dumps(spec))
     assert extended.get_vocab_size(with_added_tokens=True) == next_id
-    return save_hf_folder(extended, out_dir, eos_token, "PreTrainedTokenizerFast"), new_tokens
+    return save_hf_folder(extended, out_dir, eos_token, "PreTrainedTokenizerFast", overwrite), new_tokens
 
 
 def _merge_pairs(merges: list) -> list[tuple[str, str]]:
