@@ -44,7 +44,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from molm_megatron.data.corpus import FORMATS, Document, InputReader, Skipped, check_readable
-from tokenizer.loading import TextTokenizer, load_tokenizer
+from tokenizer.loading import CODEGEN, TextTokenizer, load_tokenizer
 
 log = logging.getLogger("data_prep")
 
@@ -175,7 +175,11 @@ def prepare(config: PrepConfig) -> Summary:
             raise ValueError(f"no documents in {', '.join(str(p) for p in config.inputs)}"
                              + (f" (skipped: {skipped}; listed in {summary.skip_log})" if skipped else
                                 " (empty or only whitespace)") + f"; nothing written for {prefix}")
+        # tokenizer_path: where the tokenizer is, so an export of a model trained on this data can
+        # carry it (molm_megatron.hf.convert).
         meta = {"vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "tokenizer": tok.description,
+                "tokenizer_path": config.tokenizer if config.tokenizer == CODEGEN else
+                str(Path(config.tokenizer).resolve()),
                 "dtype": np.dtype(dtype).name}
         for key, writer in sorted(writers.items(), key=lambda kv: str(kv[0])):
             summary.files.update(writer.finish({**meta, "domain": key}))

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -105,16 +104,11 @@ def validation_perplexity(workdir: Path) -> tuple[int, float]:
 
 
 def export(workdir: Path) -> Path:
-    """The latest checkpoint as a Hugging Face folder, with the CodeGen tokenizer beside the weights."""
+    """The latest checkpoint as a Hugging Face folder, with the tokenizer of its data (CodeGen's)."""
     from molm_megatron.hf.convert import checkpoint_to_hf
-    from tokenizer.codegen import build_codegen_tokenizer
 
-    out = checkpoint_to_hf(workdir / "checkpoints", workdir / "hf")
-    # The tokenizer writer replaces its whole folder, so it writes its own and the files are copied.
-    tokenizer_dir = build_codegen_tokenizer(workdir / "tokenizer")
-    for path in tokenizer_dir.iterdir():
-        shutil.copy(path, out / path.name)
-    return out
+    # A rerun replaces its own earlier export (and nothing else: see molm_megatron.outputs).
+    return checkpoint_to_hf(workdir / "checkpoints", workdir / "hf", overwrite=True)
 
 
 def sample(hf_dir: Path, prompt: str, max_new_tokens: int) -> str:
@@ -122,7 +116,7 @@ def sample(hf_dir: Path, prompt: str, max_new_tokens: int) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import molm_megatron.hf  # noqa: F401  (registers model_type "moduleformer" with the Auto classes)
+    import molm_megatron  # noqa: F401  (registers model_type "moduleformer" with the Auto classes)
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -155,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner(4, "export to the Hugging Face format")
     hf_dir = export(workdir)
-    print(f"wrote {hf_dir} (load with AutoModelForCausalLM.from_pretrained after `import molm_megatron.hf`)")
+    print(f"wrote {hf_dir} (load with AutoModelForCausalLM.from_pretrained after `import molm_megatron`, or with trust_remote_code=True)")
 
     banner(5, "sample (greedy)")
     print(sample(hf_dir, args.prompt, args.max_new_tokens))

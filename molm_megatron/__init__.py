@@ -1,5 +1,17 @@
-"""MoLM-Megatron: training system for ModuleFormer (MoLM) mixture-of-experts language models."""
+"""MoLM-Megatron: training ModuleFormer (MoLM) mixture-of-experts language models.
 
+`import molm_megatron` registers `model_type: moduleformer` with transformers' AutoConfig and
+AutoModelForCausalLM, so `AutoModelForCausalLM.from_pretrained(export)` loads our exports and the
+published MoLM checkpoints without trust_remote_code. Importing transformers takes seconds, so the
+registration waits for it: it runs when transformers' auto modules are first imported (at once if
+they already are), and `import molm_megatron` itself imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
 import warnings
 
 # megatron-core warns on import, four times, that Transformer Engine and Apex are missing. We use
@@ -8,3 +20,61 @@ import warnings
 # megatron-core still shows. Every module of ours that imports megatron-core sits in this package,
 # so this runs before the first such import.
 warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning)
+
+# The transformers modules that define AutoConfig and AutoModelForCausalLM.
+_AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
+
+
+def _register(module_name: str) -> None:
+    # The config needs only transformers' PretrainedConfig, loaded before configuration_auto; the
+    # model (torch, our layers) is imported only once AutoModelForCausalLM exists.
+    from transformers.models.auto.configuration_auto import AutoConfig
+
+    from molm_megatron.hf.configuration_moduleformer import ModuleFormerConfig
+
+    AutoConfig.register("moduleformer", ModuleFormerConfig, exist_ok=True)
+    if module_name.endswith("modeling_auto"):
+        from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
+        from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
+
+        AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds an auto module through the other finders and registers our classes once it has run."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _AUTO_MODULES:
+            return None
+        sys.meta_path.remove(self)  # look the module up without finding ourselves again
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            _register(name)
+
+        spec.loader.exec_module = exec_and_register
+        if all(m in sys.modules or m == name for m in _AUTO_MODULES):
+            sys.meta_path.remove(self)  # the last one: the hook has nothing more to do
+        return spec
+
+
+def _install() -> None:
+    if any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+        return
+    pending = [m for m in _AUTO_MODULES if m not in sys.modules]
+    for name in _AUTO_MODULES:
+        if name in sys.modules:
+            _register(name)
+    if pending:
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+_install()

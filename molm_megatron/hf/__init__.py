@@ -1,12 +1,21 @@
-"""Hugging Face format of the published MoLM checkpoints; importing molm_megatron.hf registers
-`moduleformer` with AutoConfig / AutoModelForCausalLM so exports load offline."""
+"""Hugging Face format of the published MoLM checkpoints: config, modeling, converters.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+`import molm_megatron` (which any `import molm_megatron.hf` runs first) registers
+`model_type: moduleformer` with AutoConfig / AutoModelForCausalLM, so exports load offline. The
+classes below are imported on first use: importing this package stays as light as the config.
+"""
 
-from molm_megatron.hf.configuration_moduleformer import ModuleFormerConfig
-from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
+from __future__ import annotations
 
-AutoConfig.register("moduleformer", ModuleFormerConfig, exist_ok=True)
-AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
+import importlib
 
-__all__ = ["ModuleFormerConfig", "ModuleFormerForCausalLM"]
+_LAZY = {"ModuleFormerConfig": "molm_megatron.hf.configuration_moduleformer",
+         "ModuleFormerForCausalLM": "molm_megatron.hf.modeling_moduleformer"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,12 +5,20 @@ Our module names are the published ones, so the key map is the identity; the onl
 the two unused attention buffers per layer (see modeling_moduleformer.UNUSED_PUBLISHED_BUFFERS).
 
 A training checkpoint (molm_megatron/training/checkpoint.py) holds one model file per distinct
-(TP rank, EP rank) shard, each with the place of every sharded tensor in the full one; they are
-consolidated here without process groups. A *model file* is one consolidated model:
+(TP rank, EP rank) shard, each with the place of every sharded tensor in the full one (ZeRO-3:
+the fp32 partitions in the rank files instead); they are consolidated here without process
+groups. A *model file* is one consolidated model:
 `torch.save({"config": asdict(ModelConfig), "model": state_dict})`.
 
+An export holds config.json (with an `auto_map`), model.safetensors, generation_config.json,
+the tokenizer the run was trained with, configuration_moduleformer.py and modeling_moduleformer.py
+(copies of configuration_moduleformer.py and modeling_moduleformer_standalone.py), so it loads
+with transformers alone (`trust_remote_code=True`) or through our classes (`import molm_megatron`). Every output goes
+through molm_megatron.outputs: written beside its place and renamed, an existing export or model
+file replaced only with --overwrite, and never a folder that holds anything else.
+
     python -m molm_megatron.hf.convert to-hf --checkpoint runs/x/checkpoints --out hf_dir [--dtype bfloat16]
-    python -m molm_megatron.hf.convert to-hf --model-file model.pt --out hf_dir
+    python -m molm_megatron.hf.convert to-hf --model-file model.pt --tokenizer codegen --out hf_dir
     python -m molm_megatron.hf.convert consolidate --checkpoint runs/x/checkpoints --out model.pt
     python -m molm_megatron.hf.convert from-hf --hf hf_dir --out model.pt
 """
@@ -19,41 +27,101 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import json
 import shutil
-import tempfile
+import sys
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from molm_megatron.config import ModelConfig
 from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
 from molm_megatron.model import MoLM
-from molm_megatron.training.checkpoint import read_model_shards
+from molm_megatron.outputs import check_file_target, check_folder_target, write_file, write_folder
+from molm_megatron.training.checkpoint import find_step_folder, rank_file, read_file, read_meta, read_model_shards
+from molm_megatron.training.zero3 import zero3_model_shards
+from tokenizer.folder import TOKENIZER_FILES
+from tokenizer.loading import CODEGEN, copy_tokenizer_files, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT = "Hugging Face export"
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                "model.safetensors.index.json", "configuration_moduleformer.py", "modeling_moduleformer.py",
+                *TOKENIZER_FILES)
+"""Every file an export holds: only a folder of these (or an empty one) is ever replaced."""
+# The export's own code (file name in the export -> our file): transformers alone runs it.
+STANDALONE_FILES = {"configuration_moduleformer.py": Path(__file__).with_name("configuration_moduleformer.py"),
+                    "modeling_moduleformer.py": Path(__file__).with_name("modeling_moduleformer_standalone.py")}
+# config.json's auto_map: with trust_remote_code=True the Auto classes take both from those files.
+AUTO_MAP = {"AutoConfig": "configuration_moduleformer.ModuleFormerConfig",
+            "AutoModelForCausalLM": "modeling_moduleformer.ModuleFormerForCausalLM"}
+NO_TOKENIZER = "none"
 
 
-def export_hf(model: MoLM, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `model` as an HF folder (config.json, model.safetensors, generation_config.json).
+def export_hf(model: MoLM, out_dir: str | Path, dtype: torch.dtype | None = None, tokenizer: str | Path | None = None,
+              overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
+    """Write `model` as an HF folder: config.json, model.safetensors, generation_config.json, the
+    self-contained configuration_/modeling_moduleformer.py, and the tokenizer `tokenizer` (a tokenizer folder or
+    "codegen"; None writes none), whose end-of-document id must be the model's eos_token_id.
 
-    Written into a temporary sibling folder and renamed, so `out_dir` is either complete or absent.
+    `out_dir` ends up complete or unchanged; an earlier export there is replaced only with
+    `overwrite`; a folder holding anything else, or holding a `protect` path, never.
     """
-    out_dir = Path(out_dir)
+    check_folder_target(out_dir, EXPORT, EXPORT_FILES, overwrite, protect)
+    if tokenizer is not None:
+        check_tokenizer_matches(tokenizer, model.config)
     hf = ModuleFormerForCausalLM.from_molm(model)
     if dtype is not None:
         hf = hf.to(dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    hf.config.auto_map = dict(AUTO_MAP)
+
+    def write(tmp: Path) -> None:
         hf.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+        for name, source in STANDALONE_FILES.items():
+            shutil.copyfile(source, tmp / name)
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tmp)
+
+    return write_folder(out_dir, write, EXPORT, EXPORT_FILES, overwrite, protect)
+
+
+def check_tokenizer_matches(tokenizer: str | Path, cfg: ModelConfig) -> None:
+    """Raise ValueError unless the tokenizer's ids fit the model and its end of document is the
+    model's bos/eos (what generate() stops at)."""
+    tok = load_tokenizer(tokenizer, "tokenizers")
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{cfg.vocab_size}")
+    if (cfg.bos_token_id, cfg.eos_token_id) != (tok.eod_id, tok.eod_id):
+        raise ValueError(f"tokenizer {tokenizer}: its end-of-document id is {tok.eod_id} but the model's "
+                         f"bos_token_id/eos_token_id are {cfg.bos_token_id}/{cfg.eos_token_id}")
+
+
+def checkpoint_tokenizer(checkpoint: str | Path) -> str:
+    """The tokenizer a training checkpoint was trained with, from its training data's metadata
+    (`<prefix>.json`, written by data_prep): a tokenizer folder or "codegen"."""
+    folder = find_step_folder(checkpoint)
+    data = read_meta(folder)["config"].get("data", {})
+    if data.get("spec"):
+        from molm_megatron.data.spec import load_data_spec  # megatron-core: only when needed
+
+        prefixes = load_data_spec(data["spec"]).prefixes
+    else:
+        prefixes = data.get("prefixes") or []
+    advice = f"give --tokenizer (a tokenizer folder, {CODEGEN!r}, or {NO_TOKENIZER!r})"
+    if not prefixes:
+        raise ValueError(f"{folder}/meta.json names no training data to take the tokenizer from; {advice}")
+    meta_path = Path(prefixes[0] + ".json")
+    if not meta_path.is_file():
+        raise ValueError(f"the training data's metadata {meta_path} (from {folder}/meta.json) is not there, so the "
+                         f"run's tokenizer is unknown; {advice}")
+    meta = json.loads(meta_path.read_text())
+    if "tokenizer_path" in meta:
+        return meta["tokenizer_path"]
+    if str(meta.get("tokenizer", "")).startswith(f"{CODEGEN} ("):  # data_prep's description of CodeGen
+        return CODEGEN
+    raise ValueError(f"{meta_path} names tokenizer {meta.get('tokenizer')!r} but not its folder; {advice}")
 
 
 def import_hf(hf_dir: str | Path) -> MoLM:
@@ -63,29 +131,34 @@ def import_hf(hf_dir: str | Path) -> MoLM:
 
 def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
     """The full model of a training checkpoint (a `checkpoint.dir` or one of its step folders),
-    whatever its TP/EP layout: every shard file's tensors are placed where their `shards` records
-    say. ZeRO-3 checkpoints keep the weights only in the optimizer partitions and are refused."""
+    whatever its layout: every shard's tensors are placed where their `shards` records say. The
+    shards are the model files (ZeRO 1-2) or, for ZeRO-3, the fp32 partitions of the rank files
+    (molm_megatron.training.zero3)."""
     shards = read_model_shards(checkpoint)
     folder, model_section = shards.folder, shards.model_config
     model = MoLM(ModelConfig(**model_section))
-    if not shards.files:
-        raise ValueError(f"{folder}: no model_tp*_ep*.pt files (a ZeRO-3 checkpoint keeps its weights in the "
-                         "optimizer partitions; consolidate it with a ZeRO-1/2 run)")
+    if shards.layout.get("zero_stage") == 3:
+        rank_files = [folder / rank_file(r) for r in range(shards.layout["world_size"])]
+        blobs = [(f"{folder} (ZeRO-3 partitions)", b)
+                 for b in zero3_model_shards((str(p), read_file(p)) for p in rank_files)]
+    elif not shards.files:
+        raise ValueError(f"{folder}: no model_tp*_ep*.pt files")
+    else:
+        blobs = shards
     full = {name: torch.empty_like(t) for name, t in model.state_dict().items()}
     # Each distinct piece counts once: a tensor sharded over TP only is repeated in every EP file.
     seen: dict[str, set] = {name: set() for name in full}
     covered = dict.fromkeys(full, 0)
-    for path, blob in shards:
+    for path, blob in blobs:
         for name, local in blob["model"].items():
             if name not in full:
                 raise ValueError(f"{path}: unexpected tensor {name!r} for model {model_section}")
-            shards = blob["shards"].get(name, [])
-            piece = tuple((s["dim"], s["start"], s["length"]) for s in shards)
-            if piece in seen[name]:
+            pieces = tuple((s["dim"], s["start"], s["length"]) for s in blob["shards"].get(name, []))
+            if pieces in seen[name]:
                 continue
-            seen[name].add(piece)
+            seen[name].add(pieces)
             target = full[name]
-            for dim, start, length in piece:  # narrow() gives views: the copy lands inside the full tensor
+            for dim, start, length in pieces:  # narrow() gives views: the copy lands inside the full tensor
                 target = target.narrow(dim, start, length)
             target.copy_(local)
             covered[name] += local.numel()
@@ -96,17 +169,21 @@ def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
     return model
 
 
-def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """A training checkpoint as a Hugging Face folder (see consolidate_checkpoint, export_hf)."""
-    return export_hf(consolidate_checkpoint(checkpoint), out_dir, dtype)
+def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                     tokenizer: str | Path | None = "auto", overwrite: bool = False) -> Path:
+    """A training checkpoint as a Hugging Face folder (see consolidate_checkpoint, export_hf), with
+    the tokenizer of its training data ("auto"), the tokenizer given, or none (None)."""
+    check_folder_target(out_dir, EXPORT, EXPORT_FILES, overwrite, [checkpoint])  # before the slow part
+    if tokenizer == "auto":
+        tokenizer = checkpoint_tokenizer(checkpoint)
+    return export_hf(consolidate_checkpoint(checkpoint), out_dir, dtype, tokenizer, overwrite, [checkpoint])
 
 
-def save_model_file(model: MoLM, path: str | Path) -> None:
-    """Write a model file atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"config": dataclasses.asdict(model.config), "model": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+def save_model_file(model: MoLM, path: str | Path, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
+    """Write a model file atomically (temporary name, then rename); an existing file is replaced
+    only with `overwrite`, a `protect` path never."""
+    blob = {"config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    return write_file(path, lambda tmp: torch.save(blob, tmp), "model file", overwrite, protect)
 
 
 def load_model_file(path: str | Path) -> MoLM:
@@ -120,19 +197,28 @@ def load_model_file(path: str | Path) -> MoLM:
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (2 with a one-line message on bad input)."""
     parser = argparse.ArgumentParser(
         prog="python -m molm_megatron.hf.convert",
-        description="Convert MoLM weights between a training model file and the Hugging Face format of the "
-                    "published ModuleFormer checkpoints (loadable with AutoModelForCausalLM after "
-                    "`import molm_megatron.hf`).")
+        description="Convert MoLM weights between training checkpoints, model files and the Hugging Face format "
+                    "of the published ModuleFormer checkpoints. Exports load with transformers alone "
+                    "(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)) or, after "
+                    "`import molm_megatron`, without trust_remote_code. Outputs are written beside their place "
+                    "and renamed; an existing output is replaced only with --overwrite.")
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="training checkpoint or model file -> HF folder")
     source = to_hf.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pretrain.py's checkpoint.dir (its newest complete checkpoint) or "
-                        "one step_* folder; any TP/EP layout, ZeRO 1-2")
-    source.add_argument("--model-file", help="consolidated weights (torch.save of {'config', 'model'})")
-    to_hf.add_argument("--out", required=True, help="HF folder to write (replaced atomically)")
+                        "one step_* folder; any TP/EP layout, ZeRO 1-3")
+    source.add_argument("--model-file", help="consolidated weights (torch.save of {'config', 'model'}), as written "
+                        "by `consolidate` or `from-hf`")
+    to_hf.add_argument("--out", required=True, help="HF folder to write (a new or empty folder, or an earlier "
+                       "export with --overwrite)")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help=f"tokenizer to write beside the weights: a tokenizer folder, {CODEGEN!r}, or "
+                            f"{NO_TOKENIZER!r}; default with --checkpoint: the one its training data was "
+                            "tokenized with (from the data's .json); required with --model-file")
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
     cons = sub.add_parser("consolidate", help="training checkpoint -> model file")
     cons.add_argument("--checkpoint", required=True, help="checkpoint.dir or one step_* folder")
@@ -140,18 +226,40 @@ def main(argv: list[str] | None = None) -> None:
     from_hf = sub.add_parser("from-hf", help="HF folder (ours or a published MoLM) -> model file")
     from_hf.add_argument("--hf", required=True, help="HF folder with config.json and safetensors")
     from_hf.add_argument("--out", required=True, help="model file to write")
+    for p in (to_hf, cons, from_hf):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind "
+                       "(never a folder holding anything else, nor the input)")
     args = parser.parse_args(argv)
-    if args.command == "to-hf":
-        model = consolidate_checkpoint(args.checkpoint) if args.checkpoint else load_model_file(args.model_file)
-        out = export_hf(model, args.out, DTYPES.get(args.dtype))
-    elif args.command == "consolidate":
-        save_model_file(consolidate_checkpoint(args.checkpoint), args.out)
-        out = args.out
-    else:
-        save_model_file(import_hf(args.hf), args.out)
-        out = args.out
+    try:
+        out = _run(parser, args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
+    return 0
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    if args.command == "to-hf":
+        tokenizer = None if args.tokenizer == NO_TOKENIZER else args.tokenizer
+        if args.checkpoint:
+            out = checkpoint_to_hf(args.checkpoint, args.out, DTYPES.get(args.dtype),
+                                   "auto" if args.tokenizer is None else tokenizer, args.overwrite)
+        else:
+            if args.tokenizer is None:
+                parser.error(f"to-hf --model-file needs --tokenizer (a tokenizer folder, {CODEGEN!r}, or "
+                             f"{NO_TOKENIZER!r}): a model file does not record its tokenizer")
+            check_folder_target(args.out, EXPORT, EXPORT_FILES, args.overwrite, [args.model_file])
+            out = export_hf(load_model_file(args.model_file), args.out, DTYPES.get(args.dtype), tokenizer,
+                            args.overwrite, [args.model_file])
+    elif args.command == "consolidate":
+        check_file_target(args.out, "model file", args.overwrite, [args.checkpoint])  # before the slow part
+        out = save_model_file(consolidate_checkpoint(args.checkpoint), args.out, args.overwrite, [args.checkpoint])
+    else:
+        check_file_target(args.out, "model file", args.overwrite, [args.hf])
+        out = save_model_file(import_hf(args.hf), args.out, args.overwrite, [args.hf])
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

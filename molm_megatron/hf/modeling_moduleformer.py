@@ -4,8 +4,10 @@ It holds our own `MoLMTransformer` under `transformer` and an untied `lm_head`, 
 published ones and its logits are the training model's by construction. The key map to and from the
 training model is the identity except for the two lists below: the unused published buffers, and
 the inserted experts (continual learning), which the training model keeps in tensors of their own
-and the published format holds as the last rows of each expert tensor. `generate()` uses HF's
-DynamicCache, which keeps every token, as the published model's cache does.
+and the published format holds as the last rows of each expert tensor. The HF side (cache, loss,
+strict loading) is the export's own class in modeling_moduleformer_standalone.py, which this one
+derives from. `generate()` uses HF's DynamicCache, which keeps every token, as the published
+model's cache does.
 """
 
 from __future__ import annotations
@@ -14,18 +16,16 @@ import dataclasses
 
 import torch
 import torch.nn as nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from molm_megatron.config import ModelConfig
+from molm_megatron.hf import modeling_moduleformer_standalone as standalone
 from molm_megatron.hf.configuration_moduleformer import ModuleFormerConfig
 from molm_megatron.model.model import LMHead, MoLM, MoLMTransformer, init_weights
 
 # Published keys that our model does not have: two unused attention buffers per layer (a causal
 # mask and a cumulative-sum matrix that the published code precomputes). Written on save so the
 # published code loads our exports without missing keys; ignored on load.
-UNUSED_PUBLISHED_BUFFERS = (r"transformer\.h\.\d+\.attn\.mask", r"transformer\.h\.\d+\.attn\.cum_weight")
+UNUSED_PUBLISHED_BUFFERS = standalone.UNUSED_PUBLISHED_BUFFERS
 
 # Inserted experts: the training model's separate tensor (suffix of a router or MoE key) -> the
 # published tensor whose last rows (dim 0, after the old experts) it becomes. The config keeps
@@ -68,59 +68,20 @@ def split_inserted_experts(state_dict: dict[str, torch.Tensor], cfg: ModelConfig
     return out
 
 
-class ModuleFormerPreTrainedModel(PreTrainedModel):
-    config_class = ModuleFormerConfig
-    base_model_prefix = "transformer"
-    _no_split_modules = ["Block"]
-    _keys_to_ignore_on_load_unexpected = list(UNUSED_PUBLISHED_BUFFERS)
+class ModuleFormerForCausalLM(standalone.ModuleFormerForCausalLM):
+    """The export's own class (cache, loss, strict loading) with our training layers inside."""
+
+    def build_layers(self, config: ModuleFormerConfig) -> tuple[nn.Module, nn.Module]:
+        # Inserted experts as ordinary ones: the published keys; the computation is the same.
+        return MoLMTransformer(published_layout(config.to_model_config())), LMHead(config.n_embd, config.vocab_size)
+
+    def run_layers(self, input_ids, attention_mask, memory):
+        # memory_length=T returns exactly this call's keys/values, which the cache appends.
+        h, _, new_memory = self.transformer(input_ids, attention_mask, memory, input_ids.shape[1])
+        return h, new_memory
 
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module, self.config.initializer_range)
-
-
-class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
-    def __init__(self, config: ModuleFormerConfig):
-        super().__init__(config)
-        # Inserted experts as ordinary ones: the published keys; the computation is the same.
-        self.transformer = MoLMTransformer(published_layout(config.to_model_config()))
-        self.lm_head = LMHead(config.n_embd, config.vocab_size)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.transformer.wte = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """HF-style causal LM: `labels` are the inputs (shifted inside, as HF models do)."""
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        B, T = input_ids.shape
-        memory = None
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            # DynamicCache layers hold [B, nh, S, hs]; our memory is [B, S, nh, hs].
-            memory = [(layer.keys.transpose(1, 2), layer.values.transpose(1, 2)) for layer in past_key_values.layers]
-        # memory_length=T returns exactly this call's keys/values, which the cache appends.
-        h, _, new_memory = self.transformer(input_ids, attention_mask, memory, T)
-        logits = self.lm_head(h)
-        if use_cache:
-            past_key_values = DynamicCache(config=self.config) if past_key_values is None else past_key_values
-            for i, (k, v) in enumerate(new_memory):
-                past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), i)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                               labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
     @classmethod
     def from_molm(cls, model: MoLM) -> "ModuleFormerForCausalLM":

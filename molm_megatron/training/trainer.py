@@ -40,6 +40,7 @@ from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load
                                             peak_flops_per_device, require_wandb)
 from molm_megatron.training.optimizer import deepspeed_config, expert_params_as_moe, param_groups
 from molm_megatron.training.schedule import lr_lambda, plan_batch
+from molm_megatron.training.zero3 import Zero3Record
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class Trainer:
         import deepspeed
 
         from molm_megatron import parallel
+        from molm_megatron.data.spec import adopt_data_eod
 
         self.job = job
         # First of all: a preemption signal during the (slow) build is kept and acted on at the
@@ -168,6 +170,8 @@ class Trainer:
         self.stop_signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        if model is None:
+            adopt_data_eod(job)  # bos/eos = the data's end-of-document id, what exports stop generating at
         self.cfg = job.validate() if model is None else model.config
         if model is not None:
             job.validate()
@@ -267,7 +271,12 @@ class Trainer:
             return
         # The first rank of each distinct (TP rank, EP rank) shard writes it.
         writes_model = self._model_file() is not None and self.groups.edp_rank == 0
-        self.checkpoints.save_state(self.step, self.pieces, ModelState(self.engine.module) if writes_model else None,
+        pieces = self.pieces
+        if self.job.parallel.zero_stage == 3:
+            # What the converter needs to rebuild full weights from the fp32 partitions alone (saved,
+            # never loaded: resume restores from the optimizer piece).
+            pieces = {**pieces, "zero3": Zero3Record(self.engine, self.groups)}
+        self.checkpoints.save_state(self.step, pieces, ModelState(self.engine.module) if writes_model else None,
                                     self._model_file(), self.job.to_dict(), dataclasses.asdict(self.cfg))
 
     def _all_ranks(self, ok: bool) -> bool:

@@ -4,6 +4,7 @@ checkpoint built by hand, generate() with the cache, and loading in a fresh proc
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-import molm_megatron.hf  # noqa: F401  (registers moduleformer with the Auto classes)
+import molm_megatron  # noqa: F401  (registers moduleformer with the Auto classes)
 from molm_megatron.config import model_preset
 from molm_megatron.hf import ModuleFormerForCausalLM
 from molm_megatron.hf.convert import export_hf, import_hf, main as convert_main, save_model_file
@@ -110,39 +111,48 @@ def test_hf_generate_equals_ours_with_left_padding(tmp_path):
 
 
 def test_a_fresh_process_loads_the_export_and_generates(tmp_path):
+    """A fresh process: `import molm_megatron`, then the Auto classes load the export."""
     model = make()
     export_hf(model, tmp_path / "hf")
     prompt = torch.randint(0, 512, (1, 5))
     expected = model.generate(prompt, 8)[0].tolist()
+    # `import molm_megatron` alone registers moduleformer, lazily: it imports neither transformers
+    # nor torch (measured about 2 ms), the registration runs when transformers' auto modules load.
     code = (
-        "import sys, torch, molm_megatron.hf\n"
+        "import sys, time\n"
+        "t = time.perf_counter(); import molm_megatron; t = time.perf_counter() - t\n"
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n"
+        "assert t < 0.1, t\n"
+        "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
         f"print(m.generate(torch.tensor([{prompt[0].tolist()}]), max_new_tokens=8, do_sample=False)[0].tolist())\n"
         f"print(m.generate(torch.tensor([{prompt[0].tolist()}]), max_new_tokens=8, do_sample=True, top_k=5).shape)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf")], capture_output=True, text=True,
-                         check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                         check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                          "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     lines = out.stdout.strip().splitlines()
     assert lines[0] == str(expected)
     assert lines[1] == "torch.Size([1, 13])"
 
 
-def test_cli_round_trip_and_bf16_export(tmp_path):
+def test_cli_round_trip_and_bf16_export(tmp_path, capsys):
     model = make("tiny-multihead")
     save_model_file(model, tmp_path / "model.pt")
-    convert_main(["to-hf", "--model-file", str(tmp_path / "model.pt"), "--out", str(tmp_path / "hf"),
-                  "--dtype", "bfloat16"])
+    assert convert_main(["to-hf", "--model-file", str(tmp_path / "model.pt"), "--out", str(tmp_path / "hf"),
+                         "--dtype", "bfloat16", "--tokenizer", "none"]) == 0
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
-    convert_main(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")])
+    assert convert_main(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt", weights_only=True)["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(back[k].float(), v.to(torch.bfloat16).float()), k
     (tmp_path / "bad.pt").write_bytes(b"")
     torch.save({"model": {}}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="bad.pt: not a model file \\(no 'config' entry\\)"):
-        convert_main(["to-hf", "--model-file", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "x")])
+    assert convert_main(["to-hf", "--model-file", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "x"),
+                         "--tokenizer", "none"]) == 2
+    assert "bad.pt: not a model file (no 'config' entry)" in capsys.readouterr().err
 
 
 def test_inserted_experts_and_per_layer_counts_export_in_the_published_layout_and_split_on_reload(tmp_path):

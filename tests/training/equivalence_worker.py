@@ -51,12 +51,9 @@ def run_layout(spec: str, prefix: str, workdir: str) -> dict | None:
         return None
     with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
-    # The final checkpoint's shard files, consolidated without process groups (the HF converter's
-    # path), or the converter's refusal for ZeRO-3.
-    try:
-        consolidated = consolidate_checkpoint(os.path.join(workdir, name, "ckpt")).state_dict()
-    except ValueError as e:
-        consolidated = str(e)
+    # The final checkpoint's shard files (ZeRO-3: its rank files' fp32 partitions), consolidated
+    # without process groups (the HF converter's path).
+    consolidated = consolidate_checkpoint(os.path.join(workdir, name, "ckpt")).state_dict()
     return {"exit_code": code, "metrics": metrics, "params": {k: v.cpu() for k, v in params.items()},
             "consolidated": consolidated,
             "plan": (trainer.plan.micro_batch_size, trainer.plan.grad_accum_steps, trainer.plan.dp_size)}
