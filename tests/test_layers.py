@@ -9,8 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. The corpus readers sit below both tokenizer (which trains on corpora) and data_prep
-# (which tokenizes them); kernels know nothing of the model; benchmarks may use everything.
-FLOORS = ["kernels", "molm_megatron.data.corpus", "tokenizer", "molm_megatron", "data_prep", "benchmarks"]
+# (which tokenizes them), and so does molm_megatron.outputs (how every command writes its output
+# folders and files, tokenizer folders included); kernels know nothing of the model; benchmarks
+# may use everything.
+FLOORS = ["kernels", "molm_megatron.outputs", "molm_megatron.data.corpus", "tokenizer", "molm_megatron", "data_prep",
+          "benchmarks"]
 
 
 def floor_of(module: str) -> int | None:

@@ -10,9 +10,7 @@ writes a fine-tuned EMoE model's weights as a plain dense folder.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from molm_megatron.emoe.cluster import cached_labels, expert_permutation
 from molm_megatron.emoe.layer import ARCHITECTURES, keys_FD, kernel_activation, permute_neurons_
 from molm_megatron.emoe.modeling import EMOE_CLASSES, EMoESettings, _get, emoe_settings
+from molm_megatron.outputs import write_folder
 
 # Files of a model folder that the converter rewrites (weights, configs); the rest (tokenizer
 # files, README, ...) are copied as they are.
@@ -74,19 +73,11 @@ def check_conversion(config: PretrainedConfig, settings: EMoESettings) -> None:
 
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
-    """Write a new folder atomically: into a temporary sibling, renamed at the end. Refuses to
+    """Write a new folder atomically, with umask permissions (molm_megatron.outputs). Refuses to
     replace an existing path."""
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out (nothing is overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_folder(out, write, "EMoE folder", owned_files=())
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
