@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import molm_megatron  # noqa: F401  (registers moduleformer with the Auto classes)
-from molm_megatron.config import model_preset, parse_job_config
+from molm_megatron.cli import parse_job_config
+from molm_megatron.config import model_preset
 from molm_megatron.data.spec import adopt_data_eod
 from molm_megatron.hf.configuration_moduleformer import CONFIG_DEFAULTS
 from molm_megatron.hf.convert import EXPORT, EXPORT_FILES, export_hf, main as convert_main, save_model_file
