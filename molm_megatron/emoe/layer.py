@@ -6,7 +6,9 @@ slice [e * F, (e + 1) * F) of them, F = d_ff / E. The gate adds no parameter ("a
 score_e(x) = x . mean_{i in e} k_i (+ mean_{i in e} b_i), the mean of the expert's key vectors
 (rows of the first projection; Llama: gate_proj) read from the CURRENT weights, so the gate
 follows fine-tuning. The top-k experts are used, each with weight 1; no auxiliary loss and no
-gradient through the choice. With k = E the layer is the dense FFN.
+gradient through the choice. The choice is MoLM's `Router` with this scorer and unit gates (the
+softmax it applies is monotone, so its top-k are the scores' top-k). With k = E the layer is the
+dense FFN.
 
 Two computations of one layer, equal in value and gradient:
 - "masked": the dense FFN with the neurons of unchosen experts zeroed after the activation (the
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from molm_megatron.model.model import Router
 
 COMPUTATIONS = ("sparse", "masked")
 
@@ -125,6 +128,9 @@ class EMoEMLP(nn.Module):
         if d_ff % num_experts:
             raise ValueError(f"d_ff ({d_ff}) must be divisible by the number of experts ({num_experts})")
         self.num_experts = num_experts
+        d_model = keys_FD(getattr(self, spec.first), spec.conv1d).shape[1]
+        # No parameters of its own (no state-dict keys): the scores come from the FFN's weights.
+        self.router = Router(d_model, num_experts, top_k, scorer=self.scores, unit_gates=True)
         self.set_routing(top_k, computation)
         self.collect_counts = False
         self.counts_E: torch.Tensor | None = None  # tokens per expert since the last reset (when collecting)
@@ -137,6 +143,7 @@ class EMoEMLP(nn.Module):
         if computation not in COMPUTATIONS:
             raise ValueError(f"computation must be one of {COMPUTATIONS}, got {computation!r}")
         self.top_k, self.computation = top_k, computation
+        self.router.k = top_k
 
     @torch.no_grad()
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -148,17 +155,11 @@ class EMoEMLP(nn.Module):
             scores_TE = scores_TE + first.bias.view(self.num_experts, -1).mean(dim=1)
         return scores_TE.float() if scores_TE.element_size() < 4 else scores_TE
 
-    def choose(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The top-k experts of each token, [T, K] (int64; no gradient: a discrete choice)."""
-        if self.top_k == self.num_experts:
-            # Every expert: no scores needed (and the dense function exactly).
-            return torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
-        return self.scores(x_TD).topk(self.top_k, dim=-1).indices
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        experts_TK = self.choose(x_TD)
+        # The top-k experts of each token, [T, K]; their gates are 1 (no gradient: a discrete choice).
+        experts_TK = self.router(x_TD).experts_TK
         if self.collect_counts:
             counted = experts_TK if self.count_mask_T is None else experts_TK[self.count_mask_T]
             counts = torch.bincount(counted.reshape(-1), minlength=self.num_experts)

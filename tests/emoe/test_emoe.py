@@ -127,7 +127,9 @@ def test_gate_is_the_mean_of_each_experts_key_rows_hand_check(folders):
             hand[t, e] = sum(float(x[t] @ w_DF[:, i]) + float(b_F[i]) for i in cols) / F_e
     torch.testing.assert_close(layer.scores(x), hand, rtol=1e-12, atol=1e-12)
     layer.set_routing(2, "sparse")
-    assert torch.equal(layer.choose(x).sort(1).values, hand.topk(2, dim=1).indices.sort(1).values)
+    routed = layer.router(x)
+    assert torch.equal(routed.experts_TK.sort(1).values, hand.topk(2, dim=1).indices.sort(1).values)
+    assert torch.equal(routed.gates_TK, torch.ones(5, 2, dtype=routed.gates_TK.dtype))  # weight 1 each
 
 
 def test_balanced_kmeans_gives_equal_clusters_and_finds_planted_groups():
