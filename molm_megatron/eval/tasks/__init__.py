@@ -1,0 +1,1 @@
+"""Local lm-evaluation-harness tasks shipped with the project (YAML beside its JSON-lines data)."""
