@@ -20,6 +20,7 @@ the harness does (`re.split(r"\\s+", doc)`, UTF-8 bytes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from molm_megatron.eval.expert_stats import ExpertCounter
 from molm_megatron.model import MoLM
+from molm_megatron.training.memory import StreamMemory
 
 
 def count_words(doc: str) -> int:
@@ -107,20 +109,20 @@ def segment_perplexity(model: MoLM, documents: list[str], documents_ids: list[li
     device = next(model.parameters()).device
     inputs, labels, real = stream_rows(documents_ids, eos_id, batch_size, segment_length)
     inputs, labels = inputs.to(device), labels.to(device)
-    total, memory = 0.0, None
+    total, memory = 0.0, StreamMemory(device)
+    no_reset_B = torch.zeros(inputs.shape[0], dtype=torch.bool, device=device)  # one stream per row, never restarted
     starts = range(0, inputs.shape[1], segment_length)
     for start in tqdm(starts, desc=f"segments of {segment_length} x {inputs.shape[0]} rows", unit="window"):
         window = slice(start, start + segment_length)
         x, y = inputs[:, window], labels[:, window]
         # Padding sits at the end of the last row, so no real token attends to it: no attention
         # mask is needed, only the expert counts must leave it out.
-        if counter is None:
-            out = model(x, labels=y, memory=memory, memory_length=memory_length)
-        else:
-            with counter.capture():
-                out = model(x, labels=y, memory=memory, memory_length=memory_length)
+        kv, mask_BS = memory.inputs(no_reset_B, x.shape[1])
+        with counter.capture() if counter is not None else contextlib.nullcontext():
+            out = model(x, labels=y, memory=kv, attention_mask=mask_BS, memory_length=memory_length)
+        if counter is not None:
             counter.add_rows(counter.routes(x.shape[0]), real[:, window])
-        memory = out.memory
+        memory.remember(out.memory, mask_BS)
         total += out.lm_loss_sum.double().item()
     tokens = int((labels != -100).sum())
     assert tokens == sum(map(len, documents_ids)), "every token of the text is predicted exactly once"

@@ -19,7 +19,7 @@ def results_of(out) -> dict:
 
 
 def test_checkpoint_equals_its_export(tmp_path):
-    from data_prep.pipeline import prepare_text_files, stdlib_sources
+    from data_prep import prepare_text_files, stdlib_sources
 
     data = tmp_path / "stdlib"
     prepare_text_files(stdlib_sources(12000), data)
