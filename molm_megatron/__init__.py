@@ -2,7 +2,8 @@
 
 `import molm_megatron` registers `model_type: moduleformer` with transformers' AutoConfig and
 AutoModelForCausalLM, so `AutoModelForCausalLM.from_pretrained(export)` loads our exports and the
-published MoLM checkpoints without trust_remote_code. Importing transformers takes seconds, so the
+published MoLM checkpoints without trust_remote_code; and the EMoE classes (molm_megatron.emoe),
+so EMoE folders load with their gating (other GPT-2/GPT-NeoX/Llama folders load as before). Importing transformers takes seconds, so the
 registration waits for it: it runs when transformers' auto modules are first imported (at once if
 they already are), and `import molm_megatron` itself imports nothing heavy.
 """
@@ -39,6 +40,10 @@ def _register(module_name: str) -> None:
         from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
 
         AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
+
+        from molm_megatron.emoe.modeling import register_auto_classes
+
+        register_auto_classes()
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

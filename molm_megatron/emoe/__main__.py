@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert", help="dense folder -> EMoE folder",
         description=f"Convert a local dense Hugging Face folder ({', '.join(ARCHITECTURES)}) into an EMoE folder: "
                     "plain transformers loads it as the dense model (neurons permuted, same function); after "
-                    "`import molm_megatron.emoe`, AutoModelForCausalLM loads it with the avg-k gating.")
+                    "`import molm_megatron`, AutoModelForCausalLM loads it with the avg-k gating.")
     c.add_argument("--model", required=True, help="the dense model's local folder (config.json + weights)")
     c.add_argument("--out", required=True, help="the EMoE folder to write (must not exist)")
     c.add_argument("--experts", type=int, default=64, help="experts per converted FFN (d_ff must divide by it)")

@@ -2,7 +2,8 @@
 
 An EMoE folder is a dense folder (same `model_type`, same keys; the FFN neurons permuted) whose
 config.json carries an `emoe` entry (`EMoESettings`). Plain transformers ignores the entry and
-loads the dense model. Importing `molm_megatron.emoe` registers, for each supported
+loads the dense model. Importing `molm_megatron` (once transformers' auto classes are loaded) or
+`molm_megatron.emoe` registers, for each supported
 architecture, a class with the Auto classes that builds the EMoE model when the config has the
 entry and hands every other folder to the dense class unchanged, so
 `AutoModelForCausalLM.from_pretrained(folder)` gives the gated model.

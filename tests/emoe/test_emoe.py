@@ -216,7 +216,7 @@ out = {}
 for name in ("emoe", "dense"):
     m = AutoModelForCausalLM.from_pretrained(sys.argv[2] + "/" + name).double().eval()
     out["plain_" + name] = [type(m).__name__, m(input_ids=ids).logits.tolist()]
-import molm_megatron.emoe
+import molm_megatron  # the package alone registers the EMoE classes
 m = AutoModelForCausalLM.from_pretrained(sys.argv[2] + "/emoe").double().eval()
 out["emoe"] = [type(m).__name__, m(input_ids=ids).logits.tolist()]
 print(json.dumps(out))
