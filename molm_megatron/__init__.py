@@ -10,8 +10,6 @@ they already are), and `import molm_megatron` itself imports nothing heavy.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import sys
 import warnings
 
@@ -46,18 +44,23 @@ def _register(module_name: str) -> None:
         register_auto_classes()
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds an auto module through the other finders and registers our classes once it has run."""
+class _RegisterAfterImport:
+    """A meta path finder (duck-typed: importlib.abc costs more to import than the rest of this
+    file) that finds an auto module through the other finders and registers our classes once the
+    module has run."""
 
     def find_spec(self, name, path, target=None):
         if name not in _AUTO_MODULES:
             return None
-        sys.meta_path.remove(self)  # look the module up without finding ourselves again
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
