@@ -46,7 +46,8 @@ def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
                    help="auto (the model folder's tokenizer files, else CodeGen's), codegen, or a Hugging Face "
                         "tokenizer folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the harness's few-shot draws")
 
@@ -196,8 +197,9 @@ def humaneval_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, o
     else:
         model = load(args)
         n = args.n
-        completions = sample_completions(model, [p["prompt"] for p in problems], n, args.temperature, args.top_p,
-                                         args.max_new_tokens, args.batch_size, args.seed)
+        completions = sample_completions(model.hf, model.tokenizer, [p["prompt"] for p in problems], n,
+                                         args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
+                                         args.seed)
     limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20)
     records = execute(problems, completions, limits, args.workers)
     path = args.out / "samples.jsonl"

@@ -136,7 +136,8 @@ def run_lm_eval(lm: HFLM, task_paths: list[str | Path], out_dir: Path, num_fewsh
     tasks = [load_local_task(p) for p in expand_task_paths(task_paths)]
     tracker = EvaluationTracker(output_path=str(out_dir))
     # model_args only names the model in the harness's records and output folder: lm is built already.
-    results = simple_evaluate(model=lm, model_args={"pretrained": model_name}, tasks=tasks, num_fewshot=num_fewshot, limit=limit, log_samples=True,
+    results = simple_evaluate(model=lm, model_args={"pretrained": model_name}, tasks=tasks, num_fewshot=num_fewshot,
+                              limit=limit, log_samples=True,
                               evaluation_tracker=tracker, task_manager=TaskManager(include_defaults=False),
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed)

@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from molm_megatron.eval.loading import EvalModel
 from molm_megatron.eval.sandbox import Limits, run_program
 
 # Chen et al. 2021, section 3.3: "we stop sampling when we encounter any of the following stop
@@ -68,14 +67,15 @@ class StopOnSequences(StoppingCriteria):
 
 
 @torch.no_grad()
-def sample_completions(model: EvalModel, prompts: list[str], n: int, temperature: float, top_p: float,
-                       max_new_tokens: int, batch_size: int, seed: int,
+def sample_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
+                       temperature: float, top_p: float, max_new_tokens: int, batch_size: int, seed: int,
                        stops: tuple[str, ...] = STOP_SEQUENCES) -> list[list[str]]:
-    """n completions per prompt (truncated at the stop sequences); temperature 0 is greedy (n must be 1).
-    Batches are seeded by their index, so a rerun with the same settings gives the same samples."""
+    """n completions per prompt by any Hugging Face causal LM (ours: `EvalModel.hf`), truncated at the
+    stop sequences; temperature 0 is greedy (n must be 1). Batches are seeded by their index, so a
+    rerun with the same settings gives the same samples."""
     if temperature == 0 and n > 1:
         raise ValueError(f"--temperature 0 is greedy decoding: its n = {n} samples would be identical; use --n 1")
-    tok = model.tokenizer
+    tok = tokenizer
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -91,7 +91,7 @@ def sample_completions(model: EvalModel, prompts: list[str], n: int, temperature
         enc = tok([prompts[i] for i, _ in batch], return_tensors="pt", padding=True).to(model.device)
         T = enc.input_ids.shape[1]
         torch.manual_seed(seed + b)
-        ids = model.hf.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                 eos_token_id=tok.eos_token_id,
                                 stopping_criteria=StoppingCriteriaList([StopOnSequences(tok, T, stops)]),
                                 **sampling)

@@ -36,7 +36,7 @@ class EvalModel:
         return next(self.molm.parameters()).device
 
 
-def _molm_sharing(hf: ModuleFormerForCausalLM) -> MoLM:
+def molm_view(hf: ModuleFormerForCausalLM) -> MoLM:
     """A MoLM whose modules are `hf`'s (built on the meta device, so nothing is allocated twice)."""
     with torch.device("meta"):
         molm = MoLM(hf.config.to_model_config())
@@ -44,7 +44,7 @@ def _molm_sharing(hf: ModuleFormerForCausalLM) -> MoLM:
     return molm
 
 
-def _hf_sharing(molm: MoLM) -> ModuleFormerForCausalLM:
+def hf_view(molm: MoLM) -> ModuleFormerForCausalLM:
     """A Hugging Face model whose modules are `molm`'s."""
     with torch.device("meta"):
         hf = ModuleFormerForCausalLM(ModuleFormerConfig.from_model_config(molm.config))
@@ -91,10 +91,10 @@ def load_eval_model(path: str | Path, tokenizer: str = "auto", device: str = "au
         raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(sorted(DTYPES))}")
     if (path / "config.json").is_file():
         hf = ModuleFormerForCausalLM.from_pretrained(path)
-        molm, source = _molm_sharing(hf), f"hf:{path}"
+        molm, source = molm_view(hf), f"hf:{path}"
     elif path.is_dir():
         molm = consolidate_checkpoint(path)  # raises, naming the folder, when it holds no complete checkpoint
-        hf, source = _hf_sharing(molm), f"checkpoint:{path}"
+        hf, source = hf_view(molm), f"checkpoint:{path}"
     else:
         raise ValueError(f"--model {path}: not a folder (expected a Hugging Face folder with config.json or a "
                          "training checkpoint folder)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -118,6 +119,18 @@ def test_local_mc_task_accuracy_equals_hand_argmax(eval_model, tmp_path):
 
 
 def test_local_task_errors_name_the_file(tmp_path):
-    (tmp_path / "t.yaml").write_text("task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nope.jsonl\n")
+    (tmp_path / "t.yaml").write_text("task: t\ndataset_path: json\n"
+                                     "dataset_kwargs:\n  data_files:\n    test: nope.jsonl\n")
     with pytest.raises(ValueError, match=r"t\.yaml: data file 'nope\.jsonl' not found"):
         load_local_task(tmp_path / "t.yaml")
+
+
+def test_the_shipped_task_file_is_what_its_builder_writes(tmp_path):
+    from molm_megatron.eval.tasks.build_stdlib_docstrings import main as build
+
+    shipped = (TASKS_DIR / "stdlib_docstrings.jsonl").read_text()
+    version = json.loads(shipped.splitlines()[0])["python"]
+    if version != f"{sys.version_info.major}.{sys.version_info.minor}":
+        pytest.skip(f"the shipped file was built from Python {version}'s standard library")
+    assert build(["--out", str(tmp_path / "rebuilt.jsonl")]) == 0
+    assert (tmp_path / "rebuilt.jsonl").read_text() == shipped

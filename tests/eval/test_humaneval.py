@@ -57,7 +57,8 @@ def test_sandbox_cannot_write_outside_its_folder_or_reach_the_network(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inside.txt"]
     assert (tmp_path / "inside.txt").read_text() == "keep"
     # Its own folder is writable, and is where relative paths go.
-    ok = run_program("import os\nos.mkdir('d')\nopen('d/f.txt', 'w').write('hi')\nassert open('d/f.txt').read() == 'hi'")
+    ok = run_program("import os\nos.mkdir('d')\nopen('d/f.txt', 'w').write('hi')\n"
+                     "assert open('d/f.txt').read() == 'hi'")
     assert ok.passed, ok.result
 
     server = socket.socket()
@@ -89,17 +90,18 @@ def test_truncate_at_stop():
 
 def test_batched_sampling_and_greedy_decoding(eval_model, problems):
     prompts = [p["prompt"] for p in problems[:3]]
-    sampled = sample_completions(eval_model, prompts, n=2, temperature=0.8, top_p=0.95, max_new_tokens=12,
+    hf, tok = eval_model.hf, eval_model.tokenizer
+    sampled = sample_completions(hf, tok, prompts, n=2, temperature=0.8, top_p=0.95, max_new_tokens=12,
                                  batch_size=4, seed=1)
     assert [len(c) for c in sampled] == [2, 2, 2]
     assert all(not any(s in c for s in STOP_SEQUENCES) for cs in sampled for c in cs)
-    again = sample_completions(eval_model, prompts, n=2, temperature=0.8, top_p=0.95, max_new_tokens=12,
+    again = sample_completions(hf, tok, prompts, n=2, temperature=0.8, top_p=0.95, max_new_tokens=12,
                                batch_size=4, seed=1)
     assert again == sampled
 
-    greedy = sample_completions(eval_model, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=10,
+    greedy = sample_completions(hf, tok, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=10,
                                 batch_size=3, seed=0)
-    tok, molm = eval_model.tokenizer, eval_model.molm
+    molm = eval_model.molm
     for prompt, (completion,) in zip(prompts, greedy):
         ids = tok(prompt).input_ids
         new: list[int] = []
