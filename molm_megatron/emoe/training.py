@@ -57,10 +57,11 @@ class EMoECausalLM(nn.Module):
         memory: list | None = None,
         collect_expert_stats: bool = False,
         memory_length: int | None = None,
+        all_aux_losses: bool = True,
     ) -> MoLMOutput:
         """input_ids [B, T]; labels [B, T] already shifted, -100 ignored; attention_mask [B, T]
-        (1 = real token). memory/memory_length exist for the trainer's signature: EMoE models
-        keep no memory, so memory must be None."""
+        (1 = real token). memory, memory_length and all_aux_losses exist for the trainer's
+        signature: EMoE models keep no memory (memory must be None) and have no aux losses."""
         if memory is not None:
             raise ValueError("EMoE models keep no Transformer-XL memory: pass memory=None")
         base = self.emoe_model()

@@ -82,16 +82,21 @@ def router_aux_losses(
     experts_TK: torch.Tensor,
     valid_T: torch.Tensor | None,
     new_weight_NG: torch.Tensor | None,
+    names: tuple[str, ...] = AUX_LOSS_NAMES,
 ) -> dict[str, torch.Tensor]:
-    """All auxiliary losses of one router, keyed by AUX_LOSS_NAMES; `new_weight_NG` is the router's
-    rows of inserted experts (`Router.new_weight`, None without inserted experts)."""
-    return {
-        "mi": mutual_information_loss(probs_TE, valid_T),
-        "concentration": load_concentration_loss(probs_TE, valid_T),
-        "switch": switch_loss(probs_TE, experts_TK, valid_T),
-        "z": z_loss(logits_TE, valid_T),
-        "routing_reg": probs_TE.new_zeros(()) if new_weight_NG is None else routing_regularization(new_weight_NG),
+    """The auxiliary losses `names` (default all, keyed by AUX_LOSS_NAMES) of one router;
+    `new_weight_NG` is the router's rows of inserted experts (`Router.new_weight`, None without
+    inserted experts). Training steps that log nothing ask only for the weighted ones: each loss
+    is a dozen small kernels per router, forward and backward."""
+    formulas = {
+        "mi": lambda: mutual_information_loss(probs_TE, valid_T),
+        "concentration": lambda: load_concentration_loss(probs_TE, valid_T),
+        "switch": lambda: switch_loss(probs_TE, experts_TK, valid_T),
+        "z": lambda: z_loss(logits_TE, valid_T),
+        "routing_reg": lambda: (probs_TE.new_zeros(()) if new_weight_NG is None
+                                else routing_regularization(new_weight_NG)),
     }
+    return {name: formulas[name]() for name in names}
 
 
 def loss_weights(cfg: ModelConfig) -> dict[str, float]:

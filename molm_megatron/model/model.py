@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 from molm_megatron.config import ModelConfig
-from molm_megatron.model.losses import AUX_LOSS_NAMES, router_aux_losses, weighted_aux_loss
+from molm_megatron.model.losses import AUX_LOSS_NAMES, loss_weights, router_aux_losses, weighted_aux_loss
 
 # (keys, values) of one layer, each [B, S, nh, hs].
 LayerMemory = tuple[torch.Tensor, torch.Tensor]
@@ -430,33 +430,42 @@ class MoLM(nn.Module):
         memory: list[LayerMemory] | None = None,
         collect_expert_stats: bool = False,
         memory_length: int | None = None,
+        all_aux_losses: bool = True,
     ) -> MoLMOutput:
         """input_ids [B, T]; labels [B, T] already shifted (the next tokens), -100 ignored;
         attention_mask [B, T] or [B, M + T] (1 = real, 0 = padding/reset memory: transparent);
         memory: the previous segment's `out.memory`. Keeps `memory_length` (default
-        history_length) keys per layer in `out.memory`."""
+        history_length) keys per layer in `out.memory`. `all_aux_losses=False` computes only the
+        aux losses with a non-zero weight (`out.aux_losses` then holds just those)."""
         cfg = self.config
         memory_length = cfg.history_length if memory_length is None else memory_length
         h, routing, new_memory = self.transformer(input_ids, attention_mask, memory, memory_length)
         logits = self.lm_head(h)
         out = MoLMOutput(logits=logits, memory=new_memory)
 
-        out.aux_losses = {name: at_least_fp32(logits.new_zeros(())) for name in AUX_LOSS_NAMES}
+        names = AUX_LOSS_NAMES if all_aux_losses else tuple(loss_weights(cfg))
+        out.aux_losses = {name: at_least_fp32(logits.new_zeros(())) for name in names}
         for block, routed_pair in zip(self.transformer.h, routing):
             for moe, routed in zip((block.attn.q_proj, block.mlpf), routed_pair):
                 r = routed.router
-                losses = router_aux_losses(r.probs_TE, r.logits_TE, r.experts_TK, routed.valid_T, moe.gate.new_weight)
+                losses = router_aux_losses(r.probs_TE, r.logits_TE, r.experts_TK, routed.valid_T, moe.gate.new_weight,
+                                          names)
                 for name, value in losses.items():
                     out.aux_losses[name] = out.aux_losses[name] + value
-        out.aux_loss = weighted_aux_loss(out.aux_losses, cfg)
+        out.aux_loss = weighted_aux_loss(out.aux_losses, cfg) if names else at_least_fp32(logits.new_zeros(()))
         if collect_expert_stats:
             out.expert_stats = {}
             for i, routed_pair in enumerate(routing):
                 for kind, routed in zip(("attn", "mlpf"), routed_pair):
                     r, valid = routed.router, routed.valid_T
-                    chosen = r.experts_TK if valid is None else r.experts_TK[valid]
-                    out.expert_stats[f"layer{i}.{kind}"] = torch.bincount(chosen.reshape(-1),
-                                                                          minlength=r.probs_TE.shape[1])
+                    # A scatter-add, not bincount over the valid rows: no size is read back to the
+                    # host, so a CUDA graph can capture it.
+                    ones_TK = torch.ones_like(r.experts_TK)
+                    if valid is not None:
+                        ones_TK = ones_TK * valid[:, None]
+                    counts_E = r.experts_TK.new_zeros(r.probs_TE.shape[1])
+                    out.expert_stats[f"layer{i}.{kind}"] = counts_E.scatter_add_(0, r.experts_TK.reshape(-1),
+                                                                                 ones_TK.reshape(-1))
 
         if labels is not None:
             out.lm_loss_sum = self.cross_entropy_sum(logits, labels)

@@ -43,3 +43,22 @@ def test_z_loss_and_routing_regularisation_by_hand():
 def test_all_losses_keyed():
     out = router_aux_losses(PROBS, PROBS.log().clamp(min=-30), torch.tensor([[0], [0], [1]]), VALID, torch.zeros(0, 2))
     assert set(out) == {"mi", "concentration", "switch", "z", "routing_reg"}
+
+
+def test_steps_that_log_nothing_compute_only_the_weighted_losses():
+    from molm_megatron.config import model_preset
+    from molm_megatron.model import MoLM
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", aux_loss_weight=0.3, z_loss_weight=0.1)
+    model = MoLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    full = model(ids, labels=ids)
+    weighted = model(ids, labels=ids, all_aux_losses=False)
+    assert set(full.aux_losses) == {"mi", "concentration", "switch", "z", "routing_reg"}
+    assert set(weighted.aux_losses) == {"mi", "z"}
+    for name in ("mi", "z"):
+        torch.testing.assert_close(weighted.aux_losses[name], full.aux_losses[name])
+    torch.testing.assert_close(weighted.aux_loss, 0.3 * full.aux_losses["mi"] + 0.1 * full.aux_losses["z"])
+    unweighted = MoLM(model_preset("tiny", aux_loss_weight=0.0))(ids, labels=ids, all_aux_losses=False)
+    assert unweighted.aux_losses == {} and unweighted.aux_loss.item() == 0.0
