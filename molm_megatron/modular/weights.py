@@ -1,0 +1,130 @@
+"""Where module manipulation gets its weights from, and the full-tensor view it edits.
+
+Starting points (`load_model`): a pretraining checkpoint folder of any parallel layout (its
+`checkpoint.dir` or one `step_*` folder, consolidated from its shard files), a Hugging Face folder
+in the published MoLM format (the published weights or our exports), or a model file
+(`{"config", "model"}`, written by `python -m molm_megatron.hf.convert consolidate` and by
+`python -m molm_megatron.modular prune|drop-layers`); for benchmarks and tests also `preset:NAME`,
+a model preset with its published random initialisation.
+
+Every transformation here edits a *full* state dict: the published keys, with each router's W_e
+and each expert tensor holding all of its experts (old and inserted ones concatenated, in the
+published order), then builds the new model from it (`model_from_full`), which splits the last
+`n_new_*_experts` of each back into their separate trainable parameters.
+
+Legend: E experts of one router, G gating_size, D n_embd, H an expert's hidden width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from molm_megatron.config import ModelConfig
+from molm_megatron.model import MoLM
+
+# Router name (as in `out.expert_stats`, 'layer{N}.attn' / 'layer{N}.mlpf') -> module path of its MoE.
+KINDS = {"attn": "attn.q_proj", "mlpf": "mlpf"}
+# The three tensors of one MoE whose first dimension is the expert: router rows and both projections.
+EXPERT_TENSORS = ("gate.w_gate.3.weight", "experts.weight", "output_experts.weight")
+# Where each of them keeps the rows of inserted experts (a separate parameter so that it can train
+# while the old rows stay frozen).
+NEW_ROWS = {"gate.w_gate.3.weight": "gate.new_weight", "experts.weight": "experts.new_weight",
+            "output_experts.weight": "output_experts.new_weight"}
+
+
+def moe_prefix(layer: int, kind: str) -> str:
+    """'transformer.h.{layer}.attn.q_proj.' or 'transformer.h.{layer}.mlpf.'."""
+    return f"transformer.h.{layer}.{KINDS[kind]}."
+
+
+def router_names(cfg: ModelConfig) -> list[str]:
+    """Every router of the model, in layer order: 'layer0.attn', 'layer0.mlpf', 'layer1.attn', ..."""
+    return [f"layer{i}.{kind}" for i in range(cfg.n_layer) for kind in KINDS]
+
+
+def num_experts(cfg: ModelConfig, layer: int, kind: str) -> int:
+    """Experts (old and inserted) of one router."""
+    return cfg.att_experts(layer) if kind == "attn" else cfg.mlp_experts(layer)
+
+
+def num_new_experts(cfg: ModelConfig, kind: str) -> int:
+    """Inserted experts (the last ones) of every router of this kind."""
+    return cfg.n_new_att_experts if kind == "attn" else cfg.n_new_mlp_experts
+
+
+def with_expert_counts(cfg: ModelConfig, att: list[int], mlp: list[int], **changes) -> ModelConfig:
+    """`cfg` with these per-layer expert counts (and other field changes), validated.
+
+    A kind whose layers all have the same count stays uniform (`n_*_experts`, empty per-layer
+    list), so a uniform result remains loadable by the published code.
+    """
+    fields = dict(changes)
+    for kind, counts in (("att", att), ("mlp", mlp)):
+        uniform = len(set(counts)) == 1
+        fields[f"n_{kind}_experts"] = counts[0] if uniform else max(counts)
+        fields[f"n_{kind}_experts_per_layer"] = [] if uniform else list(counts)
+    new = dataclasses.replace(cfg, **fields)
+    new.validate()
+    return new
+
+
+def expert_counts(cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """Per-layer (attention, MLP) expert counts."""
+    return ([cfg.att_experts(i) for i in range(cfg.n_layer)], [cfg.mlp_experts(i) for i in range(cfg.n_layer)])
+
+
+def full_state_dict(model: MoLM) -> dict[str, torch.Tensor]:
+    """The model's weights with inserted experts' rows concatenated after the old ones (published
+    keys and shapes), detached copies on the CPU."""
+    sd = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    for name in list(sd):
+        for old, new in NEW_ROWS.items():
+            if name.endswith("." + new):  # the dot: 'experts.new_weight' is not 'output_experts.new_weight'
+                prefix = name[: -len(new)]
+                sd[prefix + old] = torch.cat([sd[prefix + old], sd.pop(name)], dim=0)
+    return sd
+
+
+def model_from_full(cfg: ModelConfig, full: dict[str, torch.Tensor]) -> MoLM:
+    """A model of config `cfg` holding the full state dict `full` (shapes checked by load_state_dict);
+    the last `n_new_*_experts` rows of every expert tensor go to its `new_weight` parameter."""
+    sd = dict(full)
+    for layer in range(cfg.n_layer):
+        for kind in KINDS:
+            n_new = num_new_experts(cfg, kind)
+            if not n_new:
+                continue
+            prefix = moe_prefix(layer, kind)
+            for old, new in NEW_ROWS.items():
+                t = sd[prefix + old]
+                sd[prefix + old], sd[prefix + new] = t[: t.shape[0] - n_new], t[t.shape[0] - n_new:]
+    model = MoLM(cfg)
+    model.load_state_dict({name: t.contiguous() for name, t in sd.items()})
+    return model
+
+
+def load_model(path: str | Path, seed: int = 0) -> MoLM:
+    """A starting point as a model on the CPU (see the module docstring for what `path` may be;
+    `seed` initialises a `preset:NAME`). ValueError names the path when it is none of them.
+    """
+    from molm_megatron.config import model_preset
+    from molm_megatron.hf.convert import consolidate_checkpoint, import_hf, load_model_file
+
+    if str(path).startswith("preset:"):
+        torch.manual_seed(seed)
+        return MoLM(model_preset(str(path)[len("preset:"):]))
+    path = Path(path)
+    if path.is_file():
+        return load_model_file(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such file or folder (expected a checkpoint folder, a Hugging Face folder "
+                         "or a model file)")
+    if (path / "config.json").is_file():
+        return import_hf(path)
+    if (path / "meta.json").is_file() or any(path.glob("step_*")):
+        return consolidate_checkpoint(path)
+    raise ValueError(f"{path}: neither a training checkpoint (meta.json or step_* folders) nor a Hugging Face "
+                     "folder (config.json)")
