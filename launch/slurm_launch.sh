@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Shared body of the SLURM pretraining jobs (launch/pretrain_*.slurm): runs pretrain.py on every
-# node of the allocation, checkpoints and requeues the job when SLURM warns of the time limit.
+# Shared body of the SLURM training jobs (launch/pretrain_*.slurm, launch/finetune_*.slurm): runs
+# pretrain.py or finetune.py on every node of the allocation, checkpoints and requeues the job when
+# SLURM warns of the time limit.
 #
 # Usage, inside an sbatch job (the .slurm scripts do this):
-#   slurm_launch.sh PRESET [pretrain.py overrides ...]
+#   slurm_launch.sh PRESET [pretrain.py overrides ...]     pretraining of a model preset
+#   slurm_launch.sh finetune.py [finetune.py overrides ...]  fine-tuning (the model comes from the
+#                                                           recipe's finetune.init_from)
 #
 # How it launches: one srun task per node runs launch/node_launch.sh, which starts torchrun (or
 # the DeepSpeed launcher) for that node's GPUs; all nodes meet at MASTER_ADDR:MASTER_PORT (static
@@ -24,7 +27,8 @@
 #                     "module load cuda/12.4; source ~/envs/molm/bin/activate"
 #                     [source MOLM_ROOT/.venv/bin/activate when it exists]
 #   PYTHON            interpreter with the project installed [python, after MOLM_ENV_SETUP]
-#   CONFIG            training recipe YAML [launch/configs/pretrain.yaml]
+#   CONFIG            training recipe YAML [launch/configs/pretrain.yaml; finetune_full.yaml for
+#                     finetune.py]
 #   DATA_PREFIXES     indexed datasets written by data_prep (space-separated, without .bin/.idx)
 #                     [unset: data.prefixes of CONFIG]
 #   DATA_WEIGHTS      their blend weights, e.g. "4 1" [unset: data.weights of CONFIG]
@@ -36,7 +40,7 @@
 #   MASTER_ADDR       rendezvous host [first host of the allocation (scontrol show hostnames)]
 #   MASTER_PORT       rendezvous port [10000 + job id mod 20000, below Linux's ephemeral range]
 #   SAVE_TIMEOUT      seconds a stopped run may take to save before it is killed [300]
-#   EXTRA_ARGS        more pretrain.py overrides, split on spaces (arguments after PRESET are
+#   EXTRA_ARGS        more training overrides, split on spaces (arguments after PRESET are
 #                     passed on too)
 #   NCCL_DEBUG [WARN], TORCH_NCCL_ASYNC_ERROR_HANDLING [1]; other NCCL_* pass through unchanged,
 #                     e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA; NCCL_NVLS_ENABLE=0 where NVLink
@@ -51,14 +55,20 @@ for arg in "$@"; do
   fi
 done
 if [[ $# -lt 1 ]]; then
-  echo "usage: slurm_launch.sh PRESET [pretrain.py overrides ...] (--help explains)" >&2
+  echo "usage: slurm_launch.sh PRESET|finetune.py [overrides ...] (--help explains)" >&2
   exit 2
 fi
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
   echo "slurm_launch.sh runs inside a SLURM job: sbatch launch/pretrain_8b_k2.slurm (or bash launch/local.sh on one machine)" >&2
   exit 2
 fi
-preset=$1
+if [[ $1 == *.py ]]; then
+  script=$1
+  model_args=()
+else
+  script=pretrain.py
+  model_args=(--model.preset "$1")
+fi
 shift
 
 # ---- signals first: a warning that arrives while the environment loads must not be lost ----
@@ -77,8 +87,8 @@ trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
 MOLM_ROOT=${MOLM_ROOT:-$SLURM_SUBMIT_DIR}
-if [[ ! -f $MOLM_ROOT/pretrain.py ]]; then
-  echo "slurm_launch.sh: no pretrain.py in MOLM_ROOT=$MOLM_ROOT; submit from the repository root or set MOLM_ROOT" >&2
+if [[ ! -f $MOLM_ROOT/$script ]]; then
+  echo "slurm_launch.sh: no $script in MOLM_ROOT=$MOLM_ROOT; submit from the repository root or set MOLM_ROOT" >&2
   exit 2
 fi
 cd "$MOLM_ROOT" || exit 2
@@ -106,10 +116,12 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 # Log lines appear in the job log as they happen, not when a buffer fills.
 export PYTHONUNBUFFERED=1
 
-CONFIG=${CONFIG:-launch/configs/pretrain.yaml}
+default_config=launch/configs/pretrain.yaml
+[[ $script == finetune.py ]] && default_config=launch/configs/finetune_full.yaml
+CONFIG=${CONFIG:-$default_config}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/$SLURM_JOB_NAME}
 METRICS_DIR=${METRICS_DIR:-runs/$SLURM_JOB_NAME}
-args=(--config "$CONFIG" --model.preset "$preset" --checkpoint.dir "$CHECKPOINT_DIR" --metrics.dir "$METRICS_DIR")
+args=(--config "$CONFIG" "${model_args[@]}" --checkpoint.dir "$CHECKPOINT_DIR" --metrics.dir "$METRICS_DIR")
 # shellcheck disable=SC2206  # the lists and EXTRA_ARGS are split on spaces on purpose
 [[ -n ${DATA_PREFIXES:-} ]] && args+=(--data.prefixes $DATA_PREFIXES)
 # shellcheck disable=SC2206
@@ -122,14 +134,14 @@ log_offset=$(stat -c %s "$job_log" 2>/dev/null || echo 0)
 echo "[launch] $(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s)" \
   "[$SLURM_JOB_NODELIST] x $NPROC_PER_NODE processes, ${LAUNCHER:-torchrun} rendezvous $MASTER_ADDR:$MASTER_PORT," \
   "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-echo "[launch] pretrain.py ${args[*]}"
+echo "[launch] $script ${args[*]}"
 
 rc=0
 if [[ -z $preempted ]]; then
   # One task per node with all of the node's CPUs (srun would otherwise give the step one CPU
   # per task); --kill-on-bad-exit ends every node when one fails instead of hanging at a collective.
   srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 \
-    bash launch/node_launch.sh pretrain.py "${args[@]}" &
+    bash launch/node_launch.sh "$script" "${args[@]}" &
   srun_pid=$!
   # `wait` returns early (status > 128) whenever a trapped signal arrives: keep waiting for srun.
   while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
