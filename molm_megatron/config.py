@@ -380,6 +380,44 @@ class TrainConfig:
     parallelism, ZeRO-3, sampled routing or attention dropout."""
 
 
+FINETUNE_TRAINABLE = ("all", "new")
+# ModelConfig fields a fine-tuning run may not change: the starting weights fix them (insertion,
+# vocabulary growth, pruning and layer dropping change them through their own settings and commands).
+SHAPE_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "att_hidden", "ffd_hidden", "gating_size",
+                "n_att_experts", "n_mlp_experts", "n_att_experts_per_layer", "n_mlp_experts_per_layer",
+                "n_new_att_experts", "n_new_mlp_experts", "activation_function", "gate_type", "tie_word_embeddings")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning: the starting weights, inserted experts and which tensors train.
+
+    The model's shape comes from the starting weights; --model.<field> may change only its losses
+    and other non-shape fields (e.g. --model.concentration_loss_weight, --model.routing_reg_weight).
+    The MI loss of pretraining is off unless --model.aux_loss_weight is given."""
+
+    init_from: str = ""
+    """Starting weights (required): a pretraining checkpoint folder (pretrain.py's checkpoint.dir or
+    one step_* folder, any parallel layout), a Hugging Face folder in the published MoLM format (the
+    published weights), or a model file (python -m molm_megatron.modular prune|drop-layers,
+    python -m molm_megatron.hf.convert consolidate); preset:NAME starts from a preset's random
+    initialisation (benchmarks). A run whose checkpoint.dir holds a checkpoint resumes from that."""
+    insert_mlp_experts: int = 0
+    """Continual learning: new MLP experts appended to every layer (the router's W_e gains as many
+    rows); with expert parallelism a multiple of parallel.expert_parallel_size."""
+    insert_att_experts: int = 0
+    """Continual learning: new attention experts appended to every layer (never expert-parallel)."""
+    trainable: str = "all"
+    """all: every tensor trains (full fine-tuning). new: only the inserted experts and their router rows
+    (the partially trainable router), the new vocabulary rows and, with train_embedding, the token
+    embedding; every other tensor is frozen (no gradient, no optimizer state, bitwise unchanged)."""
+    train_embedding: bool = False
+    """With trainable new: the whole token embedding trains too (the paper's joint-training setting)."""
+    tokenizer: str = ""
+    """An extended tokenizer folder (python -m tokenizer extend): the embedding and head grow to its
+    vocabulary, the new rows initialised as published; with trainable new only the new rows train."""
+
+
 ZERO_STAGES = (1, 2, 3)
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cuda", "cpu")
@@ -460,4 +498,104 @@ class JobConfig:
         """The resolved tree, model fields included in full (what is logged and saved in checkpoints)."""
         out = dataclasses.asdict(self)
         out["model"] = {"preset": self.model.preset, **dataclasses.asdict(self.model.build())}
+        return out
+
+
+# ---- fine-tuning: the pretraining tree plus a `finetune` section and the paper's fine-tuning defaults ----
+
+
+@dataclass
+class FinetuneModelSection(ModelSection):
+    """The model's non-shape settings over the starting weights' own (e.g. loss weights)."""
+
+    preset: str = ""
+    """Not used by fine-tuning (the model comes from finetune.init_from); --model.<field> sets a
+    non-shape ModelConfig field (loss weights, dropout, k, history_length) over the starting
+    weights' value."""
+
+    def build(self) -> ModelConfig:
+        """The overrides over ModelConfig's defaults, validated (the starting weights' config is only
+        known once they are loaded: modular.finetune.build_finetune_model applies them there)."""
+        cfg = dataclasses.replace(ModelConfig(), **self.overrides)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class FinetuneOptimizerConfig(OptimizerConfig):
+    """AdamW (decoupled weight decay); fine-tuning's learning rate 5e-5 (ModuleFormer appendix C.4)."""
+
+    lr: float = 5e-5
+
+
+@dataclass
+class ConstantScheduleConfig(ScheduleConfig):
+    """Learning rate: constant by default in fine-tuning (no warmup, min_lr_ratio 1).
+
+    The pretraining schedule's fields (linear warmup, then cosine decay to min_lr_ratio x peak) still apply."""
+
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+
+
+@dataclass
+class FinetuneMetricsConfig(MetricsConfig):
+    """Logging: stdout, JSON lines and TensorBoard, from rank 0."""
+
+    dir: str = "runs/finetune"
+
+
+@dataclass
+class FinetuneJobConfig(JobConfig):
+    """Fine-tune a ModuleFormer (MoLM) model with DeepSpeed: load concentration, continual learning by
+    inserted experts, or plain full fine-tuning, from a pretraining checkpoint or a Hugging Face folder.
+
+    The pretraining tree (one engine, one checkpoint format) plus the `finetune` section.
+    """
+
+    model: FinetuneModelSection = dataclasses.field(default_factory=FinetuneModelSection)
+    optimizer: FinetuneOptimizerConfig = dataclasses.field(default_factory=FinetuneOptimizerConfig)
+    schedule: ConstantScheduleConfig = dataclasses.field(default_factory=ConstantScheduleConfig)
+    metrics: FinetuneMetricsConfig = dataclasses.field(default_factory=FinetuneMetricsConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+
+    def validate(self) -> ModelConfig:
+        """JobConfig's checks plus the finetune section's; the returned config holds only the
+        overrides (the model's shape comes from finetune.init_from)."""
+        f, m = self.finetune, self.model
+        if m.preset:
+            raise ValueError(f"model.preset ({m.preset!r}): fine-tuning takes its model from finetune.init_from")
+        shape = sorted(set(m.overrides) & set(SHAPE_FIELDS))
+        if shape:
+            raise ValueError(f"model.{shape[0]}: the model's shape comes from finetune.init_from; change it with "
+                             "finetune.insert_mlp_experts / insert_att_experts / tokenizer, or with "
+                             "python -m molm_megatron.modular prune|drop-layers")
+        cfg = super().validate()
+        if not f.init_from:
+            raise ValueError("finetune.init_from is empty: give the starting weights (a pretraining checkpoint "
+                             "folder, a Hugging Face folder or a model file)")
+        for name in ("insert_mlp_experts", "insert_att_experts"):
+            if getattr(f, name) < 0:
+                raise ValueError(f"finetune.{name} must be >= 0, got {getattr(f, name)}")
+        if f.trainable not in FINETUNE_TRAINABLE:
+            raise ValueError(f"finetune.trainable must be one of {', '.join(FINETUNE_TRAINABLE)}; got {f.trainable!r}")
+        if f.trainable == "new" and not (f.insert_mlp_experts or f.insert_att_experts or f.tokenizer
+                                         or f.train_embedding):
+            raise ValueError("finetune.trainable 'new' trains nothing without finetune.insert_mlp_experts, "
+                             "finetune.insert_att_experts, finetune.tokenizer or finetune.train_embedding")
+        if f.train_embedding and f.trainable != "new":
+            raise ValueError("finetune.train_embedding applies to finetune.trainable 'new' (with 'all' every "
+                             "tensor trains already)")
+        ep = self.parallel.expert_parallel_size
+        if f.insert_mlp_experts % ep:
+            raise ValueError(f"finetune.insert_mlp_experts ({f.insert_mlp_experts}) must be a multiple of "
+                             f"parallel.expert_parallel_size ({ep}): every expert-parallel rank holds the same "
+                             "number of old and of new experts")
+        return cfg
+
+    def to_dict(self) -> dict:
+        """The resolved tree; `model` holds the overrides (the trained model's full config is saved
+        beside it in every checkpoint)."""
+        out = dataclasses.asdict(self)
+        out["model"] = dict(self.model.overrides)
         return out

@@ -14,11 +14,14 @@ D.1: constant learning rate, 5e-5 for fine-tuning, 3e-4 for continual training):
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from molm_megatron.config import FinetuneJobConfig
 from molm_megatron.model import MoLM
-from molm_megatron.modular.insert import grow_vocab, insert_experts, set_trainable
+from molm_megatron.modular.insert import count_trainable, grow_vocab, insert_experts, mask_frozen_rows, set_trainable
 from molm_megatron.modular.weights import full_state_dict, load_model, model_from_full
+
+logger = logging.getLogger(__name__)
 
 
 def build_finetune_model(job: FinetuneJobConfig) -> MoLM:
@@ -42,3 +45,17 @@ def build_finetune_model(job: FinetuneJobConfig) -> MoLM:
     set_trainable(model, f.trainable, f.train_embedding, old_vocab)
     return model
 
+
+
+def finetune_trainer(job: FinetuneJobConfig):
+    """The pretraining engine's Trainer on the fine-tuning model, with the row masks of a grown
+    vocabulary in place; logs and returns (trainer, trainable parameters, total parameters)."""
+    from molm_megatron.training.trainer import Trainer
+
+    model = build_finetune_model(job)
+    trainable, total = count_trainable(model)
+    trainer = Trainer(job, model)
+    mask_frozen_rows(trainer.engine.module)  # on the parallelised tensors: the shards know their rows
+    if trainer.rank == 0:
+        logger.info("trainable parameters %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return trainer, trainable, total

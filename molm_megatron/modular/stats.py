@@ -71,6 +71,7 @@ def count_experts(model: MoLM, prefix: str, micro_batch_size: int, seq_len: int,
     `prefix` (at most `max_batches` windows of [micro_batch_size, seq_len], with Transformer-XL
     memory as in training); returns (router name -> int64 counts [E], tokens counted)."""
     from molm_megatron.data import IndexedTokenSource, validation_batches
+    from molm_megatron.training.memory import StreamMemory
 
     meta = json.loads(Path(prefix + ".json").read_text())
     if meta["vocab_size"] > model.config.vocab_size:
@@ -79,12 +80,11 @@ def count_experts(model: MoLM, prefix: str, micro_batch_size: int, seq_len: int,
     source = IndexedTokenSource([prefix], meta["eod_id"])
     model.eval()
     counts: dict[str, torch.Tensor] = {}
-    tokens, memory = 0, None
-    # One pass: every row starts fresh at the first window and continues its stream afterwards,
-    # so the previous window's memory is always valid after the first.
+    tokens, stream = 0, StreamMemory(device)
     for batch in itertools.islice(validation_batches(source, micro_batch_size, seq_len), max_batches):
-        out = model(batch.input_ids.to(device), memory=memory, collect_expert_stats=True)
-        memory = out.memory
+        memory, mask_BS = stream.inputs(batch.reset_memory, seq_len)
+        out = model(batch.input_ids.to(device), attention_mask=mask_BS, memory=memory, collect_expert_stats=True)
+        stream.remember(out.memory, mask_BS)
         for name, count_E in out.expert_stats.items():
             counts[name] = counts.get(name, 0) + count_E.cpu().long()
         tokens += batch.input_ids.numel()
