@@ -1,6 +1,7 @@
 """Training benchmark: throughput, MFU and peak memory of the real loop, then where a step's time goes.
 
     python -m molm_megatron.training.benchmark --out DIR [--profile-steps N] -- [pretrain.py flags ...]
+    python -m molm_megatron.training.benchmark --out DIR --finetune -- [finetune.py flags ...]
 
 First the ordinary `Trainer.train()` runs (its metrics.jsonl has tokens/s, MFU and memory per log
 step). Then N more steps run under torch.profiler, and every kernel's device time is charged to a
@@ -14,6 +15,8 @@ category by the operation that launched it:
   copy, norm, clipping, AdamW, bf16 copy-back);
 - other: the rest (embedding, head and cross entropy, norms, residuals, memory concatenation).
 
+With --finetune the fine-tuning job runs (finetune.py's model and frozen tensors) and breakdown.json
+also holds its trainable and total parameters, to compare with pretraining the same shape.
 Shares are of the summed kernel time; the step's wall time is reported beside it (their gap is time
 the GPU waits for the CPU).
 """
@@ -98,24 +101,36 @@ def time_breakdown(events, device_time: bool) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m molm_megatron.training.benchmark", description=__doc__.split("\n\n")[0],
-        usage="%(prog)s --out DIR [--profile-steps N] -- [pretrain.py flags ...]")
+        usage="%(prog)s --out DIR [--profile-steps N] [--finetune] -- [pretrain.py or finetune.py flags ...]")
     parser.add_argument("--out", required=True, help="folder for breakdown.json and the profiler's kernel table")
     # One step already holds every micro-batch of the accumulation; the profiler's Python-side
     # event processing grows with the launches (tens of thousands per step), so keep this small.
     parser.add_argument("--profile-steps", type=int, default=1,
                         help="steps run under the profiler after training (0: train only, no breakdown)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="benchmark finetune.py instead: its flags after --, the model from finetune.init_from "
+                             "(preset:NAME for a random one); breakdown.json adds the trainable share")
     args, rest = parser.parse_known_args(argv)
     if args.profile_steps < 0:
         parser.error(f"--profile-steps must be >= 0, got {args.profile_steps}")
-    job = parse_job_config([a for a in rest if a != "--"])
-    from molm_megatron.training.trainer import Trainer
-
+    flags = [a for a in rest if a != "--"]
     os.makedirs(args.out, exist_ok=True)
-    trainer = Trainer(job)
+    if args.finetune:
+        from molm_megatron.config import FinetuneJobConfig
+        from molm_megatron.modular.finetune import finetune_trainer
+
+        job = parse_job_config(flags, root=FinetuneJobConfig, prog="finetune.py")
+        trainer, trainable, total = finetune_trainer(job)
+        params = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
+    else:
+        from molm_megatron.training.trainer import Trainer
+
+        job = parse_job_config(flags)
+        trainer, params = Trainer(job), {}
     try:
         start = time.perf_counter()
         code = trainer.train()
-        result = {"exit_code": code, "train_seconds": time.perf_counter() - start, "job": job.to_dict()}
+        result = {"exit_code": code, "train_seconds": time.perf_counter() - start, "job": job.to_dict(), **params}
         if args.profile_steps:
             result.update(_profile(trainer, args.profile_steps, args.out))
         else:
@@ -145,10 +160,11 @@ def _profile(trainer, steps: int, out: str) -> dict:
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with open(os.path.join(out, "kernels.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by=sort_key, row_limit=40))
-    print(f"step wall {step_ms:.1f} ms, summed kernel time {total:.1f} ms")
+    tokens_per_s = trainer.plan.global_batch_tokens / (step_ms / 1e3)
+    print(f"step wall {step_ms:.1f} ms ({tokens_per_s:,.0f} tokens/s), summed kernel time {total:.1f} ms")
     for k in CATEGORIES:
         print(f"  {k:10s} {per_step[k]:8.2f} ms  {share[k]:6.1%}")
-    return {"step_wall_ms": step_ms, "kernel_ms_per_step": per_step, "share": share}
+    return {"step_wall_ms": step_ms, "tokens_per_s": tokens_per_s, "kernel_ms_per_step": per_step, "share": share}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,8 @@
 and optionally Weights & Biases (`metrics.wandb`, as Megatron-LM and torchtitan offer).
 
 Keys: `loss/lm`, `loss/<aux name>` (mi, concentration, switch, z, routing_reg), `loss/total`,
-`experts/layer{N}.{attn,mlpf}/load_{entropy,max,min}`, `throughput/tokens_per_s`, `mfu`,
-`grad_norm`, `lr`, `memory/...`, `train/...` (counters), `valid/...` (held-out loss, perplexity).
+`experts/layer{N}.{attn,mlpf}/load_{entropy,max,min}` (and `new_share` with inserted experts),
+`throughput/tokens_per_s`, `mfu`, `grad_norm`, `lr`, `memory/...`, `train/...` (counters), `valid/...` (held-out loss, perplexity).
 
 MFU (model FLOPs utilisation, Chowdhery et al. 2022, PaLM appendix B) = achieved model FLOP/s over
 the peak of the devices used: `cfg.flops_per_token(seq_len) * tokens_per_s / (world_size * peak)`,
@@ -44,9 +44,11 @@ def peak_flops_per_device(device: torch.device, peak_tflops: float = 0.0) -> flo
     return 0.0
 
 
-def expert_load_metrics(counts: dict[str, torch.Tensor]) -> dict[str, float]:
+def expert_load_metrics(counts: dict[str, torch.Tensor], num_new: dict[str, int] | None = None) -> dict[str, float]:
     """Per router: entropy of the token-count distribution over experts (nats; log E is uniform) and
-    the most and least loaded expert's count relative to the mean (1.0 = perfectly balanced)."""
+    the most and least loaded expert's count relative to the mean (1.0 = perfectly balanced). With
+    inserted experts (`num_new`: router kind 'attn' / 'mlpf' -> how many, the last ones), also
+    `new_share`, the share of assignments routed to them (what routing regularisation limits)."""
     out = {}
     for name, count_E in counts.items():
         count_E = count_E.double()
@@ -57,6 +59,9 @@ def expert_load_metrics(counts: dict[str, torch.Tensor]) -> dict[str, float]:
         out[f"experts/{name}/load_entropy"] = entropy.item()
         out[f"experts/{name}/load_max"] = (count_E.max() / mean).item()
         out[f"experts/{name}/load_min"] = (count_E.min() / mean).item()
+        n_new = (num_new or {}).get(name.split(".")[-1], 0)
+        if n_new:
+            out[f"experts/{name}/new_share"] = (count_E[-n_new:].sum() / total).item()
     return out
 
 

@@ -19,7 +19,8 @@ from molm_megatron.training.schedule import BatchPlan
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups, 'decay' (ndim >= 2) and 'no_decay' (norms, biases), trainable params only.
+    """Two AdamW groups, 'decay' (ndim >= 2) and 'no_decay' (norms, biases, tensors marked
+    `no_weight_decay`), trainable (requires_grad) params only: a frozen tensor gets no optimizer state.
 
     Expert parameters are split into their own groups afterwards by the parallel package (they are
     reduced over the expert-data-parallel group); the split keeps each group's weight decay.
@@ -27,7 +28,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            # `no_weight_decay`: a tensor of which only some rows train (modular.insert), whose frozen
+            # rows decay would move.
+            decays = param.dim() >= 2 and not getattr(param, "no_weight_decay", False)
+            (decay if decays else no_decay).append(param)
     return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 

@@ -409,7 +409,8 @@ class Trainer:
         for name in names:
             reduced[name] = flat[position:position + counts[name].numel()]
             position += counts[name].numel()
-        metrics.update(expert_load_metrics(reduced))
+        metrics.update(expert_load_metrics(reduced, {"attn": self.cfg.n_new_att_experts,
+                                                       "mlpf": self.cfg.n_new_mlp_experts}))
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"grad_norm": math.nan if grad_norm is None else float(grad_norm), "lr": lr,
                         "train/skipped_steps": float(self.skipped_steps),
