@@ -10,6 +10,13 @@ row, gate 1), sends the outputs back, and combines them with the gates on the so
 Autograd runs through both all-to-alls (the backward of an all-to-all is the reverse one), so every
 EP rank must run every MoE layer forward and backward, also when it receives no token.
 
+Inserted experts (continual learning) live in separate tensors (`new_weight`, after the E_old old
+experts); each is split over the EP ranks on its own, so rank r holds its E_old/ep old experts and
+its E_new/ep new ones, and computes with their concatenation (local experts 0..E_old/ep - 1 old,
+then the new ones). The dispatcher therefore renumbers the router's global expert ids rank-major
+(`rank * E_local + local index`) before sorting by destination; without inserted experts that
+renumbering is the identity and is skipped.
+
 Attention experts are never expert-parallel: attention sits between their two projections, so a
 token's query would travel to the expert and the attention output back in the middle of MoA.
 
@@ -33,7 +40,7 @@ import torch.nn as nn
 
 import kernels
 from molm_megatron.model.model import MoE, Routed, RouterOutput
-from molm_megatron.parallel.groups import ParallelGroups, check_divides, check_no_inserted_experts
+from molm_megatron.parallel.groups import ParallelGroups, check_divides
 from molm_megatron.parallel.sharding import shard_parameter
 from molm_megatron.parallel.tensor_parallel import model_plan
 
@@ -98,21 +105,36 @@ class ExpertParallelDispatcher:
     """
 
     def __init__(self, inner: Callable[[torch.Tensor, Routed], torch.Tensor], moe: MoE, num_experts: int,
-                 groups: ParallelGroups):
+                 num_new: int, groups: ParallelGroups):
         self.inner = inner
         # The layer, not its weights: tensor parallelism replaces the weight tensors after this.
         self.moe = moe
-        self.num_experts, self.ep_size, self.group = num_experts, groups.ep_size, groups.ep_group
-        self.num_local = num_experts // groups.ep_size
+        ep = groups.ep_size
+        self.num_experts, self.ep_size, self.group = num_experts, ep, groups.ep_group
+        self.num_local = num_experts // ep
+        # Global expert id -> rank-major id (owner rank * E_local + index among its local experts).
+        self.rank_major_E: torch.Tensor | None = None
+        if num_new:
+            old_local, new_local = (num_experts - num_new) // ep, num_new // ep
+            e = torch.arange(num_experts)
+            old = e < num_experts - num_new
+            rank = torch.where(old, e // old_local, (e - (num_experts - num_new)) // new_local)
+            local = torch.where(old, e % old_local, old_local + (e - (num_experts - num_new)) % new_local)
+            self.rank_major_E = rank * self.num_local + local
 
     def __call__(self, x_TD: torch.Tensor, routed: Routed) -> torch.Tensor:
         T, D = x_TD.shape
         K = routed.router.experts_TK.shape[1]
         ep, E_local = self.ep_size, self.num_local
-        # Rank r owns experts [r*E_local, (r+1)*E_local), so the router's expert-sorted order is
-        # already destination-rank-major: the send buffer is a gather in that order.
-        sorted_flat_N = routed.index.sorted_flat_idx_N
-        send_counts_E = torch.bincount(routed.router.experts_TK.reshape(-1), minlength=self.num_experts)
+        # Sorted by rank-major expert id, assignments are grouped by destination rank: the send buffer
+        # is a gather in that order. Without inserted experts rank r owns experts [r*E_local,
+        # (r+1)*E_local), so the router's own expert-sorted order is that order already.
+        experts_TK, index = routed.router.experts_TK, routed.index
+        if self.rank_major_E is not None:
+            experts_TK = self.rank_major_E.to(experts_TK.device)[experts_TK]
+            index = kernels.route(experts_TK, self.num_experts)
+        sorted_flat_N = index.sorted_flat_idx_N
+        send_counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
         recv_counts_E = torch.empty_like(send_counts_E)  # (ep sources x E_local) counts for my experts
         dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.group)
         # One host sync per layer: the split sizes must be Python ints for the uneven exchange.
@@ -127,8 +149,9 @@ class ExpertParallelDispatcher:
         else:
             y_recv_MD = x_recv_MD.new_zeros(0, D)
             if torch.is_grad_enabled():
-                y_recv_MD = _ZeroGradsFor.apply(y_recv_MD, x_recv_MD, self.moe.experts.weight,
-                                                self.moe.output_experts.weight)
+                weights = [p for experts in (self.moe.experts, self.moe.output_experts)
+                           for p in (experts.weight, experts.new_weight) if p is not None]
+                y_recv_MD = _ZeroGradsFor.apply(y_recv_MD, x_recv_MD, *weights)
         y_back_ND = _AllToAll.apply(y_recv_MD, input_splits, output_splits, self.group)  # expert-sorted
 
         # Combine on the source rank, as the model's reduce does: back to token-major (t*K + j) order,
@@ -142,8 +165,8 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
     """Keep this rank's E/ep MLP experts of every layer its `ep_plan` marks 'dispatch' and route
     tokens to the others.
 
-    Slices `mlpf.experts.weight` and `mlpf.output_experts.weight` along the expert dim, tags them
-    for DeepSpeed (`allreduce = False`, `group_name`) and wraps `mlpf.expert_mlp` with the
+    Slices `mlpf.experts.weight` and `mlpf.output_experts.weight` (and their inserted experts'
+    `new_weight`, each on its own) along the expert dim, tags them for DeepSpeed (`allreduce = False`, `group_name`) and wraps `mlpf.expert_mlp` with the
     dispatcher. A no-op when ep == 1 (experts are then ordinary data-parallel parameters).
     """
     if groups.ep_size == 1:
@@ -157,15 +180,19 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
             raise ValueError(f"{path}: unknown expert-parallel style(s) {sorted(styles)}; known: 'dispatch'")
         if not isinstance(module, MoE):
             raise TypeError(f"{path}: expert parallelism applies to MoE layers, not {type(module).__name__}")
-        num_experts = module.gate.num_experts
-        check_no_inserted_experts(groups.ep_size, module.gate.num_new_experts, where=f"{path}: ")
+        num_experts, num_new = module.gate.num_experts, module.gate.num_new_experts
         check_divides("parallel.expert_parallel_size", groups.ep_size, "model.n_mlp_experts", num_experts,
                       where=f"{path}: ")
+        check_divides("parallel.expert_parallel_size", groups.ep_size, "model.n_new_mlp_experts", num_new,
+                      where=f"{path}: ")
         for experts in (module.experts, module.output_experts):
-            param = shard_parameter(experts, "weight", "ep", 0, groups)
-            param.allreduce = False  # DeepSpeed: not reduced over the data-parallel group ...
-            param.group_name = groups.ep_group_name  # ... but over this expert-data-parallel group
-        module.expert_mlp = ExpertParallelDispatcher(module.expert_mlp, module, num_experts, groups)
+            for name in ("weight", "new_weight"):
+                if getattr(experts, name) is None:
+                    continue
+                param = shard_parameter(experts, name, "ep", 0, groups)
+                param.allreduce = False  # DeepSpeed: not reduced over the data-parallel group ...
+                param.group_name = groups.ep_group_name  # ... but over this expert-data-parallel group
+        module.expert_mlp = ExpertParallelDispatcher(module.expert_mlp, module, num_experts, num_new, groups)
     return model
 
 

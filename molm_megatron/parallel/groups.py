@@ -35,15 +35,6 @@ def check_divides(divisor_name: str, divisor: int, name: str, value: int, where:
         raise ValueError(f"{where}{divisor_name} ({divisor}) must divide {name} ({value})")
 
 
-def check_no_inserted_experts(ep: int, num_new: int, where: str = "") -> None:
-    """ValueError unless ep == 1 or there are no inserted MLP experts: the expert-parallel split of
-    the old and the inserted experts' separate tensors is not written yet."""
-    if ep > 1 and num_new > 0:
-        raise ValueError(f"{where}parallel.expert_parallel_size ({ep}) > 1 with model.n_new_mlp_experts ({num_new}) "
-                         "> 0: expert parallelism of inserted experts is not supported; use "
-                         "parallel.expert_parallel_size 1")
-
-
 def validate_layout(world_size: int, tp: int, ep: int, cfg: ModelConfig | None = None) -> None:
     """Check a layout before building anything; ValueError names the fields and both values.
 
@@ -58,7 +49,8 @@ def validate_layout(world_size: int, tp: int, ep: int, cfg: ModelConfig | None =
     check_divides("parallel.expert_parallel_size", ep,
                   f"the data-parallel size = world size {world_size} / parallel.tensor_parallel_size {tp}", dp)
     if cfg is not None:
-        check_no_inserted_experts(ep, cfg.n_new_mlp_experts)
+        # Old and inserted experts are split over the EP ranks separately (expert_parallel.py).
+        check_divides("parallel.expert_parallel_size", ep, "model.n_new_mlp_experts", cfg.n_new_mlp_experts)
         for layer in range(cfg.n_layer):
             name = f"model.n_mlp_experts_per_layer[{layer}]" if cfg.n_mlp_experts_per_layer else "model.n_mlp_experts"
             check_divides("parallel.expert_parallel_size", ep, name, cfg.mlp_experts(layer))

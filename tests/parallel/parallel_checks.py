@@ -205,8 +205,10 @@ def checks_world2() -> dict[str, Callable[[], dict]]:
             lambda: apply_expert_parallel(MoLM(tiny_config(n_mlp_experts=5)), g))}),
         # Inserted experts (separate tensors) and per-layer counts: TP splits both parts of each expert tensor.
         "tp2_inserted": lambda: with_layout(2, 1, lambda g: compare_layout(g, inserted_config())),
-        "ep2_inserted": lambda: with_layout(1, 2, lambda g: {"error": error_text(
-            lambda: apply_expert_parallel(MoLM(inserted_config()), g))}),
+        # EP splits old and inserted experts separately: rank r holds its share of each.
+        "ep2_inserted": lambda: with_layout(1, 2, lambda g: compare_layout(g, inserted_config())),
+        "ep2_bad_inserted": lambda: with_layout(1, 2, lambda g: {"error": error_text(
+            lambda: apply_expert_parallel(MoLM(tiny_config(n_new_mlp_experts=1)), g))}),
     }
 
 

@@ -112,10 +112,13 @@ def test_tp2_with_inserted_experts_matches_single_process(world2):
     assert_matches_oracle(world2, "tp2_inserted")
 
 
-def test_expert_parallel_inserted_experts_are_refused(world2):
-    assert world2[0]["ep2_inserted"]["error"] == (
-        "transformer.h.0.mlpf: parallel.expert_parallel_size (2) > 1 with model.n_new_mlp_experts (2) > 0: "
-        "expert parallelism of inserted experts is not supported; use parallel.expert_parallel_size 1")
+def test_ep2_with_inserted_experts_matches_single_process(world2):
+    assert_matches_oracle(world2, "ep2_inserted")
+
+
+def test_expert_parallel_needs_inserted_experts_divisible_by_ep(world2):
+    assert world2[0]["ep2_bad_inserted"]["error"] == (
+        "transformer.h.0.mlpf: parallel.expert_parallel_size (2) must divide model.n_new_mlp_experts (1)")
 
 
 # ---- 4 ranks ---------------------------------------------------------------------------------
