@@ -23,9 +23,8 @@ import dataclasses
 
 import torch
 
-from molm_megatron.config import ModelConfig
 from molm_megatron.model import MoLM
-from molm_megatron.modular.weights import (KINDS, expert_counts, full_state_dict, model_from_full, moe_prefix,
+from molm_megatron.modular.weights import (expert_counts, full_state_dict, model_from_full, moe_prefix,
                                            with_expert_counts)
 
 TRAINABLE = ("all", "new")
@@ -136,7 +135,3 @@ def count_trainable(model: MoLM) -> tuple[int, int]:
             trainable += param.numel() - first * param[0].numel()
     return trainable, total
 
-
-def new_expert_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Inserted experts per router kind ('attn', 'mlpf'), for the metrics' new-expert share."""
-    return {kind: cfg.n_new_att_experts if kind == "attn" else cfg.n_new_mlp_experts for kind in KINDS}

@@ -29,10 +29,7 @@ from molm_megatron.model import MoLM
 KINDS = {"attn": "attn.q_proj", "mlpf": "mlpf"}
 # The three tensors of one MoE whose first dimension is the expert: router rows and both projections.
 EXPERT_TENSORS = ("gate.w_gate.3.weight", "experts.weight", "output_experts.weight")
-# Where each of them keeps the rows of inserted experts (a separate parameter so that it can train
-# while the old rows stay frozen).
-NEW_ROWS = {"gate.w_gate.3.weight": "gate.new_weight", "experts.weight": "experts.new_weight",
-            "output_experts.weight": "output_experts.new_weight"}
+
 
 
 def moe_prefix(layer: int, kind: str) -> str:
@@ -48,11 +45,6 @@ def router_names(cfg: ModelConfig) -> list[str]:
 def num_experts(cfg: ModelConfig, layer: int, kind: str) -> int:
     """Experts (old and inserted) of one router."""
     return cfg.att_experts(layer) if kind == "attn" else cfg.mlp_experts(layer)
-
-
-def num_new_experts(cfg: ModelConfig, kind: str) -> int:
-    """Inserted experts (the last ones) of every router of this kind."""
-    return cfg.n_new_att_experts if kind == "attn" else cfg.n_new_mlp_experts
 
 
 def with_expert_counts(cfg: ModelConfig, att: list[int], mlp: list[int], **changes) -> ModelConfig:
@@ -78,31 +70,19 @@ def expert_counts(cfg: ModelConfig) -> tuple[list[int], list[int]]:
 
 def full_state_dict(model: MoLM) -> dict[str, torch.Tensor]:
     """The model's weights with inserted experts' rows concatenated after the old ones (published
-    keys and shapes), detached copies on the CPU."""
-    sd = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
-    for name in list(sd):
-        for old, new in NEW_ROWS.items():
-            if name.endswith("." + new):  # the dot: 'experts.new_weight' is not 'output_experts.new_weight'
-                prefix = name[: -len(new)]
-                sd[prefix + old] = torch.cat([sd[prefix + old], sd.pop(name)], dim=0)
-    return sd
+    keys and shapes, as the Hugging Face export holds them), detached copies on the CPU."""
+    from molm_megatron.hf.modeling_moduleformer import merge_inserted_experts
+
+    return {name: t.detach().cpu().clone() for name, t in merge_inserted_experts(model.state_dict()).items()}
 
 
 def model_from_full(cfg: ModelConfig, full: dict[str, torch.Tensor]) -> MoLM:
     """A model of config `cfg` holding the full state dict `full` (shapes checked by load_state_dict);
     the last `n_new_*_experts` rows of every expert tensor go to its `new_weight` parameter."""
-    sd = dict(full)
-    for layer in range(cfg.n_layer):
-        for kind in KINDS:
-            n_new = num_new_experts(cfg, kind)
-            if not n_new:
-                continue
-            prefix = moe_prefix(layer, kind)
-            for old, new in NEW_ROWS.items():
-                t = sd[prefix + old]
-                sd[prefix + old], sd[prefix + new] = t[: t.shape[0] - n_new], t[t.shape[0] - n_new:]
+    from molm_megatron.hf.modeling_moduleformer import split_inserted_experts
+
     model = MoLM(cfg)
-    model.load_state_dict({name: t.contiguous() for name, t in sd.items()})
+    model.load_state_dict({name: t.contiguous() for name, t in split_inserted_experts(full, cfg).items()})
     return model
 
 

@@ -172,7 +172,7 @@ def test_expert_parallel_continual_run_resumes_exactly_and_keeps_frozen_tensors(
 
 
 def test_fine_tuned_and_pruned_model_exports_and_generates_through_auto_classes(single_runs, small_data, tmp_path):
-    from data_prep.pipeline import prepare_text_files, stdlib_sources
+    from data_prep import prepare_text_files, stdlib_sources
     from molm_megatron.modular.__main__ import main as modular_main
 
     # A second domain: other standard-library files than the training ones (the json package).
