@@ -333,7 +333,7 @@ def test_real_weights_sparse_perplexity_at_quarter_k(tmp_path):
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    T, B = 128, 16
+    T, B = 128, 8
     for _ in range(250):
         starts = torch.randint(0, train.numel() - T - 1, (B,))
         batch = torch.stack([train[s:s + T + 1] for s in starts.tolist()])
