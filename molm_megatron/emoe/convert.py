@@ -20,7 +20,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from molm_megatron.emoe.cluster import cached_labels, expert_permutation
 from molm_megatron.emoe.layer import ARCHITECTURES, keys_FD, kernel_activation, permute_neurons_
-from molm_megatron.emoe.modeling import EMOE_CLASSES, EMoESettings, _get, emoe_settings
+from molm_megatron.emoe.modeling import EMOE_CLASSES, EMoESettings, emoe_settings
 from molm_megatron.outputs import write_folder
 
 # Files of a model folder that the converter rewrites (weights, configs); the rest (tokenizer
@@ -125,7 +125,7 @@ def convert(
     model = dense_class.from_pretrained(model_dir, local_files_only=True, dtype="auto")
     log(f"loaded {config.model_type} from {model_dir} in {time.perf_counter() - t0:.1f}s; converting "
         f"{len(chosen)} layers to {num_experts} experts of {d_ff_of(config) // num_experts} neurons (top-{top_k})")
-    blocks = _get(model, spec.blocks)
+    blocks = model.get_submodule(spec.blocks)
     total = time.perf_counter()
     for n, i in enumerate(chosen, 1):
         t = time.perf_counter()

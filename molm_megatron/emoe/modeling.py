@@ -66,12 +66,6 @@ def emoe_settings(config: PretrainedConfig) -> EMoESettings | None:
     return None if not entry else EMoESettings.from_dict(dict(entry), config.num_hidden_layers)
 
 
-def _get(obj, path: str):
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
 class EMoEMixin:
     """What the three EMoE classes share: building the layers, dispatch of dense folders to the
     dense class, and saving with the dense architecture name. `dense_class` is set by each."""
@@ -82,13 +76,13 @@ class EMoEMixin:
         s = emoe_settings(self.config)
         spec = ARCHITECTURES[self.config.model_type]
         activation = getattr(self.config, spec.activation_field)
-        blocks = _get(self, spec.blocks)
+        blocks = self.get_submodule(spec.blocks)
         for i in s.layers:
             blocks[i].mlp = EMoEMLP(blocks[i].mlp, spec, activation, s.num_experts, s.top_k, s.computation)
 
     def emoe_layers(self) -> dict[int, EMoEMLP]:
         """The EMoE layers by layer index."""
-        blocks = _get(self, ARCHITECTURES[self.config.model_type].blocks)
+        blocks = self.get_submodule(ARCHITECTURES[self.config.model_type].blocks)
         return {i: b.mlp for i, b in enumerate(blocks) if isinstance(b.mlp, EMoEMLP)}
 
     def set_emoe(self, top_k: int | None = None, computation: str | None = None) -> None:
