@@ -18,6 +18,7 @@ Legend: E experts of one router, G gating_size, D n_embd, H an expert's hidden w
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -103,6 +104,10 @@ def load_model(path: str | Path, seed: int = 0) -> MoLM:
         raise ValueError(f"{path}: no such file or folder (expected a checkpoint folder, a Hugging Face folder "
                          "or a model file)")
     if (path / "config.json").is_file():
+        if "emoe" in json.loads((path / "config.json").read_text()):
+            # An EMoE folder is a dense GPT-2/GPT-NeoX/Llama model, not a MoLM one.
+            raise ValueError(f"{path} is an EMoE folder (config.json has an emoe entry), not a MoLM model: "
+                             "load it with molm_megatron.emoe.training.load_for_training")
         return import_hf(path)
     if (path / "meta.json").is_file() or any(path.glob("step_*")):
         return consolidate_checkpoint(path)

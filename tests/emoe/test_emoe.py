@@ -186,6 +186,10 @@ def test_bad_input_is_refused_before_any_work(folders, tmp_path):
     with pytest.raises(FileExistsError, match="exists; choose a new --out"):
         emoe.convert(dense_dir, folders["llama"][1], num_experts=E, top_k=2, log=lambda _: None)
     assert not out.exists() and not (tmp_path / "out.labels").exists()  # nothing written
+    from molm_megatron.modular.weights import load_model
+
+    with pytest.raises(ValueError, match="is an EMoE folder .*load_for_training"):
+        load_model(folders["gpt2"][1])  # a fine-tuning starting point of MoLM's
     from molm_megatron.emoe.__main__ import main
 
     assert main(["convert", "--model", str(dense_dir), "--out", str(out), "--experts", "5"]) == 2
