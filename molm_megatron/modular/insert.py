@@ -93,6 +93,8 @@ def set_trainable(model: MoLM, trainable: str, train_embedding: bool = False, ol
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}; got {trainable!r}")
     grew = old_vocab_size is not None and old_vocab_size < model.config.vocab_size
     for name, param in model.named_parameters():
+        for attribute in (ROWS_FROM, "no_weight_decay"):  # from an earlier choice
+            param.__dict__.pop(attribute, None)
         if trainable == "all":
             param.requires_grad_(True)
         elif name.endswith(".new_weight") or (train_embedding and name == "transformer.wte.weight"):

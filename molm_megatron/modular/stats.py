@@ -208,7 +208,7 @@ def _heatmap(stats: dict, path: Path) -> None:
         width = max(len(r) for r in rows)
         grid = [r + [float("nan")] * (width - len(r)) for r in rows]  # pruned layers may be narrower
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set(title=f"{domain}: MLP expert frequency", xlabel="expert", ylabel="layer")
+        ax.set(title=f"{domain}: MLP expert frequency", xlabel="expert", ylabel="layer", yticks=range(n_layer))
         fig.colorbar(im, ax=ax)
     if len(domains) > 1:
         mean = {(p["a"], p["b"]): p["mean"] for p in stats["kl"]}

@@ -221,3 +221,33 @@ def test_prune_command_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         modular_main(base + ["--from-stats", str(tmp_path), "--threshold", "0.1"])
     assert "exists; choose a new folder or pass --overwrite" in capsys.readouterr().err
+
+
+def test_grown_vocabulary_trains_only_the_new_rows():
+    from molm_megatron.modular import count_trainable, grow_vocab, mask_frozen_rows, set_trainable
+    from molm_megatron.training.optimizer import param_groups
+
+    model = make().float()
+    grown = grow_vocab(model, 520, seed=1)
+    assert grown.config.vocab_size == 520
+    set_trainable(grown, "new", old_vocab_size=512)
+    mask_frozen_rows(grown)
+    assert count_trainable(grown) == (2 * 8 * 64, grown.num_params())
+    groups = param_groups(grown, weight_decay=0.1)
+    assert [len(g["params"]) for g in groups] == [0, 2]  # embedding and head, never decayed
+    before = {name: t.clone() for name, t in grown.state_dict().items()}
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    ids = torch.tensor([[1, 515, 3, 519, 512, 7]])
+    for _ in range(3):
+        out = grown(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = grown.state_dict()
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(after[name][:512], before[name][:512]), name
+        assert not torch.equal(after[name][512:], before[name][512:]), name
+    assert all(torch.equal(after[n], before[n]) for n in before if n not in ("transformer.wte.weight", "lm_head.weight"))
+    # With train_embedding the whole embedding trains (and the head's new rows).
+    set_trainable(grown, "new", train_embedding=True, old_vocab_size=512)
+    assert count_trainable(grown)[0] == 520 * 64 + 8 * 64
