@@ -1,9 +1,10 @@
 """finetune.py end to end on CPU, on real text (the standard-library sources through data_prep).
 
 One launch batch of four single-process runs (two at a time) and one of three two-process runs:
-- continual learning (2 MLP + 1 attention experts inserted, partially trainable router), started
-  from a Hugging Face folder, with and without routing regularisation: every frozen tensor is
-  bitwise the starting one after the steps, the optimizer holds state for exactly the trainable
+- continual learning (2 MLP + 1 attention experts inserted, partially trainable router, the
+  vocabulary grown for a tokenizer made by `tokenizer extend`), started from a Hugging Face folder,
+  with and without routing regularisation: every frozen tensor and the old vocabulary rows are
+  bitwise the starting ones after the steps, the optimizer holds state for exactly the trainable
   tensors, the new rows and experts changed, and the regularised run routes a smaller share of
   tokens to the new experts;
 - plain full fine-tuning and load-concentration fine-tuning from a model file: H(e) ends lower with
@@ -31,7 +32,7 @@ import torch
 from molm_megatron.config import model_preset
 from molm_megatron.hf.convert import consolidate_checkpoint, export_hf, save_model_file
 from molm_megatron.model import MoLM
-from molm_megatron.modular import insert_experts
+from molm_megatron.modular import grow_vocab, insert_experts
 from tests.training.procs import ROOT, launch_env, run, start, wait
 from tests.training.test_pretrain import free_port, launch_plain, rows, same, wait_for_step
 
@@ -50,12 +51,19 @@ def base(data: str, recipe: str, init: Path, out: Path, steps: int = STEPS) -> l
 
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory) -> tuple[Path, Path, MoLM]:
-    """A tiny model with the CodeGen vocabulary as a Hugging Face folder and as a model file."""
+    """A tiny model with the CodeGen vocabulary as a Hugging Face folder and as a model file, and
+    CodeGen's tokenizer extended by 16 tokens learnt on a standard-library file (folder `tok`)."""
+    import sysconfig
+
+    from tokenizer import extend_bytelevel_bpe
+
     folder = tmp_path_factory.mktemp("start")
     torch.manual_seed(7)
     model = MoLM(model_preset("tiny", vocab_size=50295, block_size=64, history_length=64))
     export_hf(model, folder / "hf")
     save_model_file(model, folder / "model.pt")
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "email" / "message.py").read_text()
+    extend_bytelevel_bpe("codegen", [text], 16, folder / "tok")
     return folder / "hf", folder / "model.pt", model
 
 
@@ -64,7 +72,8 @@ def single_runs(small_data, start_model, tmp_path_factory) -> dict[str, Path]:
     """The four single-process runs, two at a time (2 cores)."""
     hf, model_file, _ = start_model
     root = tmp_path_factory.mktemp("finetune")
-    continual = ["--finetune.insert_mlp_experts", "2", "--finetune.insert_att_experts", "1", "--optimizer.lr", "1e-2"]
+    continual = ["--finetune.insert_mlp_experts", "2", "--finetune.insert_att_experts", "1", "--optimizer.lr", "1e-2",
+                 "--finetune.tokenizer", str(hf.parent / "tok")]
     runs = {
         "continual": base(small_data, "continual", hf, root / "continual") + continual
         + ["--model.routing_reg_weight", "0"],
@@ -85,33 +94,48 @@ def single_runs(small_data, start_model, tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in names}
 
 
-def grown_start(model: MoLM) -> MoLM:
-    """The continual runs' starting model: the start with the recipe's insertion (seed train.seed + 1)."""
+def grown_start(model: MoLM, vocab_size: int | None = None) -> MoLM:
+    """The continual runs' starting model: the start with a grown vocabulary (seed train.seed) and
+    the recipe's insertion (seed train.seed + 1)."""
+    if vocab_size is not None:
+        model = grow_vocab(model, vocab_size, seed=1234)
     return insert_experts(model, n_mlp=2, n_att=1, seed=1234 + 1)
 
 
-def check_frozen_and_new(trained: dict[str, torch.Tensor], start: MoLM) -> None:
-    """Every frozen tensor bitwise the starting one; every inserted tensor changed."""
+def check_frozen_and_new(trained: dict[str, torch.Tensor], start: MoLM, old_vocab: int = 50295) -> None:
+    """Every frozen tensor bitwise the starting one and so are the old vocabulary rows; every inserted
+    tensor changed, and the head's new rows (the data holds no new ids, so the embedding's new rows
+    get no gradient)."""
     initial = start.state_dict()
     new = [name for name in initial if name.endswith(".new_weight")]
     assert len(new) == 2 * 2 * 3  # per layer and router kind: router rows, both expert projections
     for name, t in initial.items():
         if name.endswith(".new_weight"):
             assert not torch.equal(trained[name], t), f"{name} did not train"
+        elif name in ("transformer.wte.weight", "lm_head.weight"):
+            assert torch.equal(trained[name][:old_vocab], t[:old_vocab]), f"old rows of {name} changed"
         else:
             assert torch.equal(trained[name], t), f"frozen {name} changed"
+    if start.config.vocab_size > old_vocab:
+        assert not torch.equal(trained["lm_head.weight"][old_vocab:], initial["lm_head.weight"][old_vocab:])
 
 
 def test_continual_learning_freezes_old_tensors_and_trains_new_rows(single_runs, start_model):
-    _, _, model = start_model
-    start = grown_start(model)
+    from tokenizer.loading import load_tokenizer
+
+    hf, _, model = start_model
+    vocab = load_tokenizer(hf.parent / "tok").vocab_size
+    assert vocab == 50295 + 16
+    start = grown_start(model, vocab)
     folder = single_runs["continual"] / "ckpt" / f"step_{STEPS:08d}"
     trained = torch.load(folder / "model_tp00_ep000.pt", weights_only=True)["model"]
     check_frozen_and_new(trained, start)
-    # ZeRO's fp32 master partition holds exactly the trainable tensors: none for frozen ones.
+    # ZeRO's fp32 master partition holds exactly the trainable tensors (the embedding and head
+    # whole: their old rows' gradients are masked), none of the frozen ones.
     optimizer = torch.load(folder / "rank_00000.pt", weights_only=False)["optimizer"]
-    trainable = sum(p.numel() for name, p in start.named_parameters() if name.endswith(".new_weight"))
-    assert sum(t.numel() for t in optimizer["single_partition_of_fp32_groups"]) == trainable
+    inserted = sum(p.numel() for name, p in start.named_parameters() if name.endswith(".new_weight"))
+    assert sum(t.numel() for t in optimizer["single_partition_of_fp32_groups"]) == inserted + 2 * vocab * 64
+    trainable = inserted + 2 * 16 * 64
     log = (single_runs["continual"] / "log.txt").read_text()
     assert f"trainable parameters {trainable:,} of {start.num_params():,}" in log
     # Recipe defaults: constant learning rate, MI loss off.
