@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from molm_megatron.modular.output import atomic_folder, check_new_folder
 from molm_megatron.modular.weights import expert_counts
 
 MODEL_HELP = ("starting weights: a pretraining checkpoint folder (checkpoint.dir or one step_* folder, any "
               "parallel layout), a Hugging Face folder in the published MoLM format, or a model file")
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; choose a new folder or pass --overwrite")
 
 
 def _write_models(models: dict[str, tuple], out: Path, overwrite: bool, dtype: str | None) -> None:
@@ -37,22 +30,13 @@ def _write_models(models: dict[str, tuple], out: Path, overwrite: bool, dtype: s
     file), hf/ (a Hugging Face folder) and manipulation.json (what was done); all or nothing."""
     from molm_megatron.hf.convert import DTYPES, export_hf, save_model_file
 
-    _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         for name, (model, record) in models.items():
             folder = tmp / name if name else tmp
             folder.mkdir(parents=True, exist_ok=True)
             save_model_file(model, folder / "model.pt")
             export_hf(model, folder / "hf", DTYPES.get(dtype))
             (folder / "manipulation.json").write_text(json.dumps(record, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _params_line(before: int, model) -> str:
@@ -67,7 +51,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     from molm_megatron.modular.weights import load_model
 
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    check_new_folder(out, args.overwrite)
     domains = domain_prefixes(args.data or [], args.domains_of)
     model = load_model(args.model)
     device = torch.device(args.device)
@@ -88,7 +72,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from molm_megatron.modular.weights import load_model
 
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    check_new_folder(out, args.overwrite)
     stats = read_stats(args.from_stats)
     model = load_model(args.model)
     if stats["model"]["vocab_size"] != model.config.vocab_size:
@@ -121,7 +105,7 @@ def cmd_drop_layers(args: argparse.Namespace) -> None:
     from molm_megatron.modular.weights import load_model
 
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    check_new_folder(out, args.overwrite)
     model = load_model(args.model)
     cfg = model.config
     drop = (layers_to_drop(cfg.n_layer, args.n, args.mode) if args.n is not None
@@ -133,6 +117,13 @@ def cmd_drop_layers(args: argparse.Namespace) -> None:
               "params_after": smaller.num_params()}
     _write_models({"": (smaller, record)}, out, args.overwrite, args.dtype)
     print(f"wrote {out}")
+
+
+def _add_model_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the Hugging Face weights (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--target-share", type=float, nargs="+", help="share(s) of the parameters to keep, e.g. 0.8 0.6")
     p.add_argument("--min-experts", type=int, default=None, help="experts every router keeps at least "
                    "(default: its top-k)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of the Hugging Face weights (default: keep)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_model_output_args(p)
     p.set_defaults(run=cmd_prune)
 
     d = sub.add_parser("drop-layers", help="the layer-dropping baselines: drop the top or evenly spread layers",
@@ -194,10 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = d.add_mutually_exclusive_group(required=True)
     n.add_argument("--n", type=int, help="number of layers to drop")
     n.add_argument("--target-share", type=float, help="share of the parameters to keep")
-    d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of the Hugging Face weights (default: keep)")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_model_output_args(d)
     d.set_defaults(run=cmd_drop_layers)
     return parser
 

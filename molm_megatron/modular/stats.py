@@ -22,14 +22,12 @@ import csv
 import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from molm_megatron.model import MoLM
+from molm_megatron.modular.output import atomic_folder
 from molm_megatron.modular.weights import router_names
 
 STATS_VERSION = 1
@@ -169,12 +167,7 @@ def domain_frequencies(stats: dict, domain: str | None, where: str) -> dict[str,
 
 def write_stats(stats: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
     """stats.json, stats.csv and heatmap.png in `out_dir`, all or nothing (temporary folder, rename)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"{out_dir} exists; choose a new folder or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         with open(tmp / "stats.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -185,13 +178,7 @@ def write_stats(stats: dict, out_dir: str | Path, overwrite: bool = False) -> Pa
                     for e, (c, fr) in enumerate(zip(d["counts"][router], d["frequency"][router])):
                         w.writerow([domain, int(layer[5:]), kind, e, c, f"{fr:.6g}"])
         _heatmap(stats, tmp / "heatmap.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+    return Path(out_dir)
 
 
 def _heatmap(stats: dict, path: Path) -> None:
