@@ -87,6 +87,11 @@ def expert_of_flat(routing: Routing) -> torch.Tensor:
     return torch.empty_like(sorted_expert).index_copy(0, sorted_flat, sorted_expert)
 
 
+def _upcast(b: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32; fp32/fp64 unchanged (fp64 is the tests' oracle precision)."""
+    return b.float() if b.element_size() < 4 else b
+
+
 def scattered_mlp_reference(
     x_TI: torch.Tensor,
     w1_EIF: torch.Tensor,
@@ -112,7 +117,9 @@ def scattered_mlp_reference(
     sorted_expert = routing.sorted_expert_idx_N
     pre_NF = linear(x_TI, w1_EIF, k, routing, grouped_out=True)  # sorted order
     if b1_EF is not None:
-        pre_NF = pre_NF + b1_EF[sorted_expert]
+        # Gathered from an fp32 copy: the gather's backward sums ~N/E rows into each bias, which
+        # in bf16 loses about 3% (measured on the GPU at 16k rows over 64 experts).
+        pre_NF = pre_NF + _upcast(b1_EF)[sorted_expert].to(pre_NF.dtype)
     h_NF = ACTIVATIONS[activation](pre_NF)
     if w3_EIF is not None:
         h_NF = h_NF * linear(x_TI, w3_EIF, k, routing, grouped_out=True)
@@ -121,5 +128,5 @@ def scattered_mlp_reference(
         return y_TO
     T, K = gates_TK.shape
     # The gated sum of each token's chosen biases: sum_j g_tj b2[e_tj].
-    b_TKO = b2_EO[expert_of_flat(routing)].view(T, K, -1)
-    return y_TO + torch.bmm(gates_TK.unsqueeze(1).to(b_TKO.dtype), b_TKO).squeeze(1)
+    b_TKO = _upcast(b2_EO)[expert_of_flat(routing)].view(T, K, -1)  # fp32 sums, as for b1
+    return y_TO + torch.bmm(gates_TK.unsqueeze(1).to(b_TKO.dtype), b_TKO).squeeze(1).to(y_TO.dtype)

@@ -22,26 +22,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from molm_megatron.model.model import MoLMOutput
-
-
-class _FlatStep(nn.Module):
-    """The model's training forward with positional tensors in and tensors out, as graphs need.
-    Holding the model as a child makes its parameters the graph's gradient inputs."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids_BT, labels_BT, mask_BS, *memory_flat):
-        memory = list(zip(memory_flat[0::2], memory_flat[1::2]))
-        # Everything a log step reports, on every step: in a graph these few kernels cost little,
-        # and one graph serves log and plain steps alike.
-        out = self.model(input_ids_BT, labels=labels_BT, attention_mask=mask_BS, memory=memory,
-                         collect_expert_stats=True, all_aux_losses=True)
-        new_memory = tuple(t for kv in out.memory for t in kv)
-        return (out.lm_loss_sum, out.num_label_tokens, out.aux_loss, out.aux_losses, out.expert_stats, new_memory)
 
 
 class GraphedTrainingForward:
@@ -50,11 +33,17 @@ class GraphedTrainingForward:
     `applies(...)` says whether a micro-batch can replay the graph; inside `active()` the model's
     forward (what the DeepSpeed engine calls) replays it and returns a `MoLMOutput` with every
     field the trainer reads (all aux losses and expert counts; no logits).
+
+    The graph is captured over aliases of the parameters (same storage, fresh autograd leaves)
+    passed as inputs, and replayed with the parameters themselves: their gradient accumulators
+    (which DeepSpeed's hooks keep alive, bound to the default stream) then run after the replay,
+    outside any capture, instead of inside the capture stream, which CUDA refuses.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._flat = _FlatStep(model)
+        self._names = [name for name, _ in model.named_parameters()]
+        self._graphed = None
         self._shape: tuple[int, int, int] | None = None
 
     def applies(self, input_ids_BT: torch.Tensor, memory: list | None) -> bool:
@@ -62,28 +51,43 @@ class GraphedTrainingForward:
             return False
         return self._shape is None or self._shape == (*input_ids_BT.shape, memory[0][0].shape[1])
 
+    def _step(self, input_ids_BT, labels_BT, mask_BS, *tensors):
+        """The model's training forward with tensors in and out (what graphs need): `tensors` is
+        the flat memory (k, v per layer) then the parameters in `named_parameters` order."""
+        memory_flat, params = tensors[:len(tensors) - len(self._names)], tensors[len(tensors) - len(self._names):]
+        # Everything a log step reports, on every step: in a graph these few kernels cost little,
+        # and one graph serves log and plain steps alike.
+        out = functional_call(self.model, dict(zip(self._names, params)), (input_ids_BT,),
+                              dict(labels=labels_BT, attention_mask=mask_BS,
+                                   memory=list(zip(memory_flat[0::2], memory_flat[1::2])),
+                                   collect_expert_stats=True, all_aux_losses=True))
+        new_memory = tuple(t for kv in out.memory for t in kv)
+        return (out.lm_loss_sum, out.num_label_tokens, out.aux_loss, out.aux_losses, out.expert_stats, new_memory)
+
     def _capture(self, input_ids_BT, labels_BT, mask_BS, memory) -> None:
         # Dedicated input buffers: the graph reads its inputs from these addresses, and replays
         # copy each new micro-batch into them (k and v may be one tensor when they are the
-        # normed hidden states themselves: two buffers keep the copies independent).
+        # normed hidden states themselves: two buffers keep the copies independent). Parameter
+        # aliases share the parameters' storage, so replays copy nothing for them.
+        aliases = [p.detach().requires_grad_(p.requires_grad) for p in self.model.parameters()]
         sample = (input_ids_BT.clone(), labels_BT.clone(), mask_BS.clone(),
-                  *[t.detach().clone() for kv in memory for t in kv])
+                  *[t.detach().clone() for kv in memory for t in kv], *aliases)
         # allow_unused_input: an expert that no token chose this micro-batch has no gradient.
-        torch.cuda.make_graphed_callables(self._flat, sample, allow_unused_input=True)
+        self._graphed = torch.cuda.make_graphed_callables(self._step, sample, allow_unused_input=True)
         self._shape = (*input_ids_BT.shape, memory[0][0].shape[1])
 
     def _replay(self, input_ids, labels=None, attention_mask=None, memory=None, collect_expert_stats=False,
                 memory_length=None, all_aux_losses=False) -> MoLMOutput:
         assert labels is not None and attention_mask is not None
         assert memory_length is None or memory_length == self.model.config.history_length
-        if self._shape is None:
+        if self._graphed is None:
             del self.model.forward  # the capture runs the real forward
             try:
                 self._capture(input_ids, labels, attention_mask, memory)
             finally:
                 self.model.forward = self._replay
-        lm_loss_sum, num_label_tokens, aux_loss, aux_losses, expert_stats, new_memory = self._flat(
-            input_ids, labels, attention_mask, *[t for kv in memory for t in kv])
+        lm_loss_sum, num_label_tokens, aux_loss, aux_losses, expert_stats, new_memory = self._graphed(
+            input_ids, labels, attention_mask, *[t for kv in memory for t in kv], *self.model.parameters())
         # Graph outputs live in static buffers that the next replay overwrites. The memory needs
         # no copy: a replay first copies its inputs (this memory) into the graph's input buffers;
         # the losses and counts are read (backward, metrics) before the next replay.
