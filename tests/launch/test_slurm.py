@@ -1,5 +1,6 @@
 """The SLURM scripts on real SLURM clusters (loopback): `sbatch` of the unmodified
-launch/pretrain_*.slurm with the tiny preset on CPU, then preemption by USR1 and requeue.
+launch/pretrain_*.slurm with the tiny preset on CPU, then preemption by USR1 and requeue; and
+launch/finetune_4b_k2.slurm continuing the pretraining job's checkpoint.
 
 The reference is the single-node run (one node x 2 processes, torchrun). Every other run has the
 same world size (2), data and config, so its per-step losses must equal the reference's: on two
@@ -141,3 +142,29 @@ def test_single_node_deepspeed_launcher_is_preempted_requeued_and_resumes(single
     assert "x 2 processes, deepspeed rendezvous" in run.log
     assert "--model.preset molm-700m-4b" in run.log
     check_preempted_and_resumed(run, reference)
+
+
+def test_finetune_job_continues_the_pretraining_checkpoint(single_node_cluster, stdlib_data, reference, tmp_path):
+    """launch/finetune_4b_k2.slurm on the same launcher body: the continual recipe from the
+    reference pretraining job's checkpoint folder (INIT_FROM), two ranks."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {"NPROC_PER_NODE": "2", "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "METRICS_DIR": str(tmp_path / "metrics"),
+           "DATA_PREFIXES": stdlib_data, "DATA_WEIGHTS": "1", "OMP_NUM_THREADS": "1",
+           "INIT_FROM": str(reference.ckpt), "CONFIG": "launch/configs/finetune_continual.yaml"}
+    job_id = single_node_cluster.run(
+        "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={logs}/%x-%j.log",
+        "launch/finetune_4b_k2.slurm", "--finetune.insert_mlp_experts", "2", "--train.steps", "3",
+        "--train.global_batch_tokens", "128", "--train.micro_batch_size", "2", "--train.eval_interval", "0",
+        "--data.split", "100,0,0", "--metrics.log_interval", "1", "--metrics.tensorboard", "false",
+        cwd=REPO, env=env).stdout.strip()
+    job = single_node_cluster.wait(job_id, timeout=360)
+    (log_file,) = logs.glob(f"*-{job_id}.log")
+    log = log_file.read_text()
+    assert int(job["ExitCode"].split(":")[0]) == 0, log
+    assert (f"[launch] finetune.py --config launch/configs/finetune_continual.yaml --checkpoint.dir {tmp_path / 'ckpt'}"
+            in log), log
+    assert "trainable parameters" in log and "world 2, cpu" in log
+    metrics = [json.loads(line) for line in (tmp_path / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and "experts/layer0.mlpf/new_share" in metrics[-1]
+    assert complete_steps(tmp_path / "ckpt") == [3]
