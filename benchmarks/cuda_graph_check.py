@@ -40,7 +40,7 @@ def _run(name: str, flags: list[str], out: Path) -> list[dict]:
 def equivalence(data: str, out: Path) -> dict:
     from molm_megatron.hf.convert import consolidate_checkpoint
 
-    flags = ["--model.n_layer", "2", "--data.prefixes", data, "--train.steps", "5", "--train.micro_batch_size", "4",
+    flags = ["--model.n_layer", "2", "--data.prefixes", data, "--train.steps", "4", "--train.micro_batch_size", "4",
              "--train.global_batch_tokens", str(4 * 512 * 4), "--schedule.warmup_steps", "1"]
     runs, weights = {}, {}
     for name, graph in (("eager", "false"), ("graph", "true")):

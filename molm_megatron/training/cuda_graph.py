@@ -27,6 +27,22 @@ from torch.func import functional_call
 from molm_megatron.model.model import MoLMOutput
 
 
+class _FreshGrads(torch.autograd.Function):
+    """Identity on the parameters whose backward hands autograd copies of their gradients.
+
+    The graph returns each gradient in one of its static buffers; autograd's accumulation would
+    adopt that buffer as `param.grad`, and DeepSpeed then zeroes, adds into or frees it while the
+    next replay writes there. A copy per micro-batch keeps the two apart."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(None if g is None else g.clone() for g in grads)
+
+
 class GraphedTrainingForward:
     """Captures `model`'s training forward + backward for one (B, T, M) shape on first use.
 
@@ -87,7 +103,8 @@ class GraphedTrainingForward:
             finally:
                 self.model.forward = self._replay
         lm_loss_sum, num_label_tokens, aux_loss, aux_losses, expert_stats, new_memory = self._graphed(
-            input_ids, labels, attention_mask, *[t for kv in memory for t in kv], *self.model.parameters())
+            input_ids, labels, attention_mask, *[t for kv in memory for t in kv],
+            *_FreshGrads.apply(*self.model.parameters()))
         # Graph outputs live in static buffers that the next replay overwrites. The memory needs
         # no copy: a replay first copies its inputs (this memory) into the graph's input buffers;
         # the losses and counts are read (backward, metrics) before the next replay.
