@@ -39,9 +39,13 @@ def _register(module_name: str) -> None:
 
         AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
 
-        from molm_megatron.emoe.modeling import register_auto_classes
+        # Importing the EMoE module first can be what loads modeling_auto: that module is then
+        # half-initialised here, and registers its classes itself once its body has run.
+        emoe = sys.modules.get("molm_megatron.emoe.modeling")
+        if emoe is None or hasattr(emoe, "register_auto_classes"):
+            from molm_megatron.emoe.modeling import register_auto_classes
 
-        register_auto_classes()
+            register_auto_classes()
 
 
 class _RegisterAfterImport:

@@ -374,10 +374,6 @@ class TrainConfig:
     """Micro-batches per rank in one validation pass."""
     max_nonfinite_steps: int = 5
     """Stop (after a checkpoint) when this many consecutive steps have non-finite loss or gradients."""
-    cuda_graph: bool = False
-    """Replay each micro-batch's forward and backward as CUDA graphs (captured at the first window
-    with memory; the first window and validation stay eager). GPU only; not with expert
-    parallelism, ZeRO-3, sampled routing or attention dropout."""
 
 
 FINETUNE_TRAINABLE = ("all", "new")

@@ -108,10 +108,6 @@ class IndexedTokenSource:
         i = int(np.searchsorted(self.key_base, key, side="right")) - 1
         return self.datasets[i].get(int(key - self.key_base[i]), offset=offset, length=length)
 
-    def component_of(self, keys: np.ndarray) -> np.ndarray:
-        """Index of the prefix each document key belongs to."""
-        return np.searchsorted(self.key_base, keys, side="right") - 1
-
 
 def build_token_sources(spec: DataSpec) -> dict[str, Optional[IndexedTokenSource]]:
     """Token sources of the train, valid and test splits of `spec` (None for an empty split).

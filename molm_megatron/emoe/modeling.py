@@ -192,3 +192,8 @@ def _share_checkpoint_key_renames() -> None:
                    or get_checkpoint_conversion_mapping(model_type))
         if renames:
             register_checkpoint_conversion_mapping(model_class.__name__, renames, overwrite=True)
+
+
+# Importing this module may itself have loaded modeling_auto (the registration hook in
+# molm_megatron/__init__.py then skipped the half-initialised module): register here too.
+register_auto_classes()

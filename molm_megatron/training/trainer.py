@@ -1,7 +1,7 @@
 """The pretraining loop: build (processes, groups, model, parallelism, DeepSpeed engine, data,
 checkpoints, metrics), then train: step, save, maybe validate, log.
 
-Data order is Transformer-XL's (Dai et al., 2019; DESIGN.md section 3): each data-parallel rank
+Data order is Transformer-XL's (Dai et al., 2019; docs/design.md, Data order): each data-parallel rank
 reads `micro_batch_size` parallel streams in consecutive `block_size` windows, and every window
 attends over the previous window's keys/values of the same row (`out.memory`); a row whose stream
 restarts has its memory masked out. Micro-batches of one step continue each other the same way.
@@ -16,7 +16,6 @@ Legend: B micro-batch rows, T segment tokens, M memory tokens per row, E experts
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -36,7 +35,6 @@ from molm_megatron.config import JobConfig, ModelConfig
 from molm_megatron.model import MoLM
 from molm_megatron.model.losses import AUX_LOSS_NAMES
 from molm_megatron.training.checkpoint import CheckpointManager, ModelState, RNGState, model_file
-from molm_megatron.training.cuda_graph import GraphedTrainingForward
 from molm_megatron.training.memory import StreamMemory
 from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load_metrics, memory_metrics,
                                             peak_flops_per_device, require_wandb)
@@ -182,8 +180,6 @@ class Trainer:
         t = job.train
         self.device = resolve_device(t.device)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
-        if t.cuda_graph:
-            self._check_cuda_graph()  # before the slow build
         init_distributed(self.device, job.parallel.backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         tp, ep = job.parallel.tensor_parallel_size, job.parallel.expert_parallel_size
@@ -226,7 +222,6 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.memory = StreamMemory(self.device)
-        self.graphed = GraphedTrainingForward(self.engine.module) if t.cuda_graph else None
         # What a checkpoint holds, by name (each rank's file; loaded in this order, after the model).
         self.pieces = {"optimizer": ZeroOptimizerState(self.engine.optimizer, self.groups.dp_rank, dp_size),
                        "scheduler": self.scheduler, "engine": EngineCounters(self.engine), "trainer": self,
@@ -336,20 +331,6 @@ class Trainer:
         self.save()
         return 0
 
-    def _check_cuda_graph(self) -> None:
-        """Refuse `train.cuda_graph` where a step cannot be captured, naming every reason."""
-        p, cfg = self.job.parallel, self.cfg
-        blockers = {"train.device is not cuda": self.device.type != "cuda",
-                    f"parallel.expert_parallel_size is {p.expert_parallel_size} (the all-to-all split "
-                    "sizes are read on the host)": p.expert_parallel_size > 1,
-                    "parallel.zero_stage is 3 (parameters are gathered by hooks)": p.zero_stage == 3,
-                    f"model.sample_topk is {cfg.sample_topk}": cfg.sample_topk > 0,
-                    f"model.attn_pdrop is {cfg.attn_pdrop} (dropout runs the reference attention)":
-                        cfg.attn_pdrop > 0}
-        reasons = [reason for reason, applies in blockers.items() if applies]
-        if reasons:
-            raise ValueError("train.cuda_graph cannot be used: " + "; ".join(reasons))
-
     def train_step(self, collect: bool) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; metrics only when `collect`."""
         engine, plan = self.engine, self.plan
@@ -366,11 +347,9 @@ class Trainer:
         for batch in batches:
             input_ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
             memory, mask_BS = self.memory.inputs(batch.reset_memory, self.cfg.block_size)
-            graphed = self.graphed is not None and self.graphed.applies(input_ids, memory)
-            # Eager steps that log nothing compute only the weighted aux losses.
-            with self.graphed.active() if graphed else contextlib.nullcontext():
-                out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
-                             collect_expert_stats=collect, all_aux_losses=collect)
+            # Steps that log nothing compute only the weighted aux losses.
+            out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
+                         collect_expert_stats=collect, all_aux_losses=collect)
             loss = out.lm_loss_sum * scale + out.aux_loss
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update at the last micro-batch only
