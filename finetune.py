@@ -11,36 +11,22 @@ molm_megatron/config.py (`--help` lists every field). Exit codes as pretrain.py:
 preempted after saving a checkpoint (rerun to resume), 3 too many non-finite steps, 2 bad input.
 """
 
-import logging
 import sys
 
-from molm_megatron.cli import build_arg_parser, parse_job_config
+from molm_megatron.cli import run_job
 from molm_megatron.config import FinetuneJobConfig
 
-PROG = "finetune.py"
 
-
-def main(argv: list[str]) -> int:
-    try:
-        job = parse_job_config(argv, root=FinetuneJobConfig, prog=PROG)
-    except ValueError as e:
-        build_arg_parser(FinetuneJobConfig, PROG).error(str(e))  # prints usage and the message, exits 2
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
-    for name in ("molm_megatron", "finetune"):  # our progress lines; libraries stay at warnings
-        logging.getLogger(name).setLevel(logging.INFO)
+def build(job: FinetuneJobConfig):
     # Imported after parsing so that `--help` and config errors answer without loading DeepSpeed.
     from molm_megatron.modular.finetune import finetune_trainer
 
-    try:
-        trainer, _, _ = finetune_trainer(job)
-    except ValueError as e:  # starting weights, world-dependent settings, data
-        logging.getLogger("finetune").error("error: %s", e)
-        return 2
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    trainer, _, _ = finetune_trainer(job)
+    return trainer
+
+
+def main(argv: list[str]) -> int:
+    return run_job(argv, FinetuneJobConfig, "finetune.py", build)
 
 
 if __name__ == "__main__":

@@ -9,33 +9,21 @@ SIGTERM/SIGUSR1 after saving a checkpoint (resubmit to continue), 3 stopped afte
 consecutive non-finite steps (after saving), 2 bad configuration.
 """
 
-import logging
 import sys
 
-from molm_megatron.cli import build_arg_parser, parse_job_config
+from molm_megatron.cli import run_job
+from molm_megatron.config import JobConfig
 
 
-def main(argv: list[str]) -> int:
-    try:
-        job = parse_job_config(argv)
-    except ValueError as e:
-        build_arg_parser().error(str(e))  # prints usage and the message, exits 2
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
-    for name in ("molm_megatron", "pretrain"):  # our progress lines; libraries stay at warnings
-        logging.getLogger(name).setLevel(logging.INFO)
+def build(job: JobConfig):
     # Imported after parsing so that `--help` and config errors answer without loading DeepSpeed.
     from molm_megatron.training.trainer import Trainer
 
-    try:
-        trainer = Trainer(job)
-    except ValueError as e:  # world-dependent settings: batch arithmetic, layout, data
-        logging.getLogger("pretrain").error("error: %s", e)
-        return 2
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    return Trainer(job)
+
+
+def main(argv: list[str]) -> int:
+    return run_job(argv, JobConfig, "pretrain.py", build)
 
 
 if __name__ == "__main__":

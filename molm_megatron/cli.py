@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 from molm_megatron.config import JobConfig, ModelConfig, ModelSection
 
@@ -183,3 +183,31 @@ def parse_job_config(argv: list[str], root: type[Job] = JobConfig, prog: str = "
             _apply(job, sections, section, name, value, f"--{key}: ")
     job.validate()
     return job
+
+
+def run_job(argv: list[str], root: type[Job], prog: str, build: Callable[[Job], Any]) -> int:
+    """What a training entry point does: parse the command line (a bad setting prints usage and
+    the message, exit 2), set up logging, `build(job)` the trainer (a ValueError there, from
+    world-dependent settings, starting weights or data, is a one-line error, exit 2), train,
+    close. Returns the trainer's exit code (0 finished, 75 preempted, 3 non-finite)."""
+    import logging
+    import sys
+
+    try:
+        job = parse_job_config(argv, root=root, prog=prog)
+    except ValueError as e:
+        build_arg_parser(root, prog).error(str(e))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    name = prog.removesuffix(".py")
+    for logger_name in ("molm_megatron", name):  # our progress lines; libraries stay at warnings
+        logging.getLogger(logger_name).setLevel(logging.INFO)
+    try:
+        trainer = build(job)
+    except ValueError as e:
+        logging.getLogger(name).error("error: %s", e)
+        return 2
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
