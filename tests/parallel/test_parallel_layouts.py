@@ -177,8 +177,10 @@ def test_layout_validation_against_the_model():
     with pytest.raises(ValueError) as e:
         validate_layout(2, 1, 2, tiny_config(n_mlp_experts_per_layer=[8, 5]))
     assert str(e.value) == "parallel.expert_parallel_size (2) must divide model.n_mlp_experts_per_layer[1] (5)"
-    with pytest.raises(ValueError, match=r"parallel.expert_parallel_size \(2\) > 1 with model.n_new_mlp_experts \(2\)"):
-        validate_layout(2, 1, 2, tiny_config(n_new_mlp_experts=2))
+    validate_layout(2, 1, 2, tiny_config(n_new_mlp_experts=2))  # old and new experts split separately
+    with pytest.raises(ValueError) as e:
+        validate_layout(2, 1, 2, tiny_config(n_mlp_experts=9, n_new_mlp_experts=3))
+    assert str(e.value).startswith("parallel.expert_parallel_size (2) must divide model.n_new_mlp_experts (3)")
 
 
 def test_shard_range_is_balanced_and_covers():

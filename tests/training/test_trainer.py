@@ -29,11 +29,13 @@ def test_a_given_model_is_trained_saved_resumed_and_guarded(small_data, tmp_path
     assert consolidated.keys() == got["final"].keys()
     assert all(torch.equal(consolidated[k], v) for k, v in got["final"].items())
 
-    # pretrain.py builds the job's 2-layer preset: refused, nothing trained.
+    # pretrain.py builds the job's 2-layer preset, with the data's end-of-document id as bos/eos (the
+    # given model kept the tiny preset's 511): refused, naming every field, nothing trained.
     code = run([sys.executable, "pretrain.py", *FLAGS, "--data.prefixes", small_data, "--checkpoint.dir", str(ckpt),
                 "--train.steps", "4"], tmp_path / "refused.log", timeout=120)
     text = (tmp_path / "refused.log").read_text()
     assert code == 2, text[-3000:]
-    assert (f"error: checkpoint {ckpt}/step_00000003 holds another model than this run builds (n_layer: saved 1, "
-            "this run 2; n_mlp_experts: saved 4, this run 8)") in text
+    assert (f"error: checkpoint {ckpt}/step_00000003 holds another model than this run builds (bos_token_id: saved "
+            "511, this run 50256; eos_token_id: saved 511, this run 50256; n_layer: saved 1, this run 2; "
+            "n_mlp_experts: saved 4, this run 8)") in text
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002", "step_00000003"]
