@@ -107,9 +107,10 @@ def loss_weights(cfg: ModelConfig) -> dict[str, float]:
     return {name: w for name, w in weights.items() if w}
 
 
-def weighted_aux_loss(aux_losses: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    """sum_name weight_name * aux_losses[name] (weights from `loss_weights`); a 0-dim tensor."""
-    total = next(iter(aux_losses.values())).new_zeros(())
+def weighted_aux_loss(aux_losses: dict[str, torch.Tensor], cfg: ModelConfig, zero: torch.Tensor) -> torch.Tensor:
+    """sum_name weight_name * aux_losses[name] (weights from `loss_weights`), added to `zero` (a 0-dim
+    tensor that fixes device and dtype, returned as it is when no loss has a weight)."""
+    total = zero
     for name, w in loss_weights(cfg).items():
         total = total + w * aux_losses[name]
     return total

@@ -452,7 +452,7 @@ class MoLM(nn.Module):
                                           names)
                 for name, value in losses.items():
                     out.aux_losses[name] = out.aux_losses[name] + value
-        out.aux_loss = weighted_aux_loss(out.aux_losses, cfg) if names else at_least_fp32(logits.new_zeros(()))
+        out.aux_loss = weighted_aux_loss(out.aux_losses, cfg, at_least_fp32(logits.new_zeros(())))
         if collect_expert_stats:
             out.expert_stats = {}
             for i, routed_pair in enumerate(routing):
