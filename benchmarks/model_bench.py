@@ -1,5 +1,5 @@
 """GPU checks and benchmarks of the MoLM model on the Triton kernels (run on a CUDA machine; see
-BENCHMARKS.md). The kernel-level ones are `python -m kernels.bench`; this program uses its runner
+BENCHMARKS.md). The kernel-level ones are `python -m molm_kernels.bench`; this program uses its runner
 (the same flags, bench.log and results.json in --out) and its timing helpers.
 
 Checks: the padded-vocabulary output layer, the MoLM model's logits and gradients with the kernels
@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.bench import RESULTS, bench, capture, check_graph_replay, check_no_sync, log, profile_top, rel
-from kernels.bench import main as run_bench_main
+from molm_kernels.bench import RESULTS, bench, capture, check_graph_replay, check_no_sync, log, profile_top, rel
+from molm_kernels.bench import main as run_bench_main
 
 
 def check_lm_head(rows=4096, d=1024, V=50295):
@@ -56,19 +56,19 @@ def use_references():
     """Context: the model's kernel dispatch points swapped for the PyTorch references."""
     import contextlib
 
-    import kernels
+    import molm_kernels
 
     @contextlib.contextmanager
     def swapped():
         names = ("stickbreaking_attention", "parallel_linear", "scattered_mlp")
-        saved = [getattr(kernels, n) for n in names]
+        saved = [getattr(molm_kernels, n) for n in names]
         for n in names:
-            setattr(kernels, n, getattr(kernels, f"{n}_reference"))
+            setattr(molm_kernels, n, getattr(molm_kernels, f"{n}_reference"))
         try:
             yield
         finally:
             for n, f in zip(names, saved):
-                setattr(kernels, n, f)
+                setattr(molm_kernels, n, f)
     return swapped()
 
 
@@ -297,7 +297,7 @@ def profile_model():
         profile_top(lambda: model(ids), "molm-350m-4b forward, batch 64 x 512", rows=20)
 
 
-# Checks by name (see kernels.bench.CHECKS): each takes whether the ordered backward is usable.
+# Checks by name (see molm_kernels.bench.CHECKS): each takes whether the ordered backward is usable.
 CHECKS: dict[str, Callable[[bool], bool | None]] = {
     "lm_head": lambda deterministic_ok: check_lm_head(),
     "model_fp32": lambda deterministic_ok: check_model("tiny", torch.float32),

@@ -13,7 +13,7 @@ dense FFN.
 Two computations of one layer, equal in value and gradient:
 - "masked": the dense FFN with the neurons of unchosen experts zeroed after the activation (the
   reference, O(d_ff) per token);
-- "sparse": only the chosen experts, through the scattered-expert kernels (`kernels.scattered_mlp`:
+- "sparse": only the chosen experts, through the scattered-expert kernels (`molm_kernels.scattered_mlp`:
   Triton on CUDA, the PyTorch reference elsewhere), reading the dense weights as per-expert
   views (no copies).
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import kernels
+import molm_kernels
 from molm_megatron.model.model import Router
 
 COMPUTATIONS = ("sparse", "masked")
@@ -172,7 +172,7 @@ class EMoEMLP(nn.Module):
     def masked(self, x_TD: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         """The dense FFN with the unchosen experts' neurons zeroed (the reference)."""
         spec, E = self.spec, self.num_experts
-        act = kernels.ACTIVATIONS[self.activation]
+        act = molm_kernels.ACTIVATIONS[self.activation]
         h_TF = act(getattr(self, spec.first)(x_TD))
         if spec.up is not None:
             h_TF = h_TF * getattr(self, spec.up)(x_TD)
@@ -189,8 +189,8 @@ class EMoEMLP(nn.Module):
         w3_EDF = None if spec.up is None else in_weight_EDF(getattr(self, spec.up), spec.conv1d, E)
         b1_EF = None if first.bias is None else first.bias.view(E, -1)
         gates_TK = torch.ones(experts_TK.shape, dtype=x_TD.dtype, device=x_TD.device)  # weight 1 each
-        y_TD = kernels.scattered_mlp(x_TD, w1_EDF, out_weight_EFD(second, spec.conv1d, E), self.top_k,
-                                     kernels.route(experts_TK, E), gates_TK, self.activation, b1_EF=b1_EF,
+        y_TD = molm_kernels.scattered_mlp(x_TD, w1_EDF, out_weight_EFD(second, spec.conv1d, E), self.top_k,
+                                     molm_kernels.route(experts_TK, E), gates_TK, self.activation, b1_EF=b1_EF,
                                      w3_EIF=w3_EDF)
         # The output bias belongs to the whole FFN (added once, not per expert).
         return y_TD if second.bias is None else y_TD + second.bias

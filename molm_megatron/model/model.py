@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import molm_kernels
 from molm_megatron.config import ModelConfig
 from molm_megatron.model.losses import AUX_LOSS_NAMES, loss_weights, router_aux_losses, weighted_aux_loss
 
@@ -166,7 +166,7 @@ class Routed:
     """A routing decision plus the expert-sorted index the scattered matmuls use."""
 
     router: RouterOutput
-    index: kernels.Routing
+    index: molm_kernels.Routing
     valid_T: torch.Tensor | None  # False for padding tokens, left out of losses and statistics
 
 
@@ -189,19 +189,19 @@ class MoE(nn.Module):
 
     def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> Routed:
         r = self.gate(x_TD)
-        return Routed(r, kernels.route(r.experts_TK, r.probs_TE.shape[1]), valid_T)
+        return Routed(r, molm_kernels.route(r.experts_TK, r.probs_TE.shape[1]), valid_T)
 
     def map(self, x_TD: torch.Tensor, routed: Routed, grouped_out: bool = False) -> torch.Tensor:
         """Per-assignment hidden states: [N, hidden], flat (token-major) order unless grouped_out."""
         # K from the routing, not self.k: the expert-parallel dispatcher calls the experts on
         # received rows that carry one assignment each (K = 1).
         k = routed.router.experts_TK.shape[1]
-        return kernels.parallel_linear(x_TD, self.experts.full_weight(), k, routed.index, grouped_out=grouped_out)
+        return molm_kernels.parallel_linear(x_TD, self.experts.full_weight(), k, routed.index, grouped_out=grouped_out)
 
     def reduce(self, h_N: torch.Tensor, routed: Routed, grouped_in: bool = False) -> torch.Tensor:
         """Gated sum over the K choices of each token: [T, out_features]."""
         gates_TK = routed.router.gates_TK.to(h_N.dtype)
-        return kernels.parallel_linear(h_N, self.output_experts.full_weight(), 1, routed.index,
+        return molm_kernels.parallel_linear(h_N, self.output_experts.full_weight(), 1, routed.index,
                                        grouped_in=grouped_in, gates_TK=gates_TK)
 
     def expert_mlp(self, x_TD: torch.Tensor, routed: Routed) -> torch.Tensor:
@@ -209,7 +209,7 @@ class MoE(nn.Module):
         reduce(act(map(x))), with the activation fused into the matmuls on GPU."""
         k = routed.router.experts_TK.shape[1]  # from the routing, as in `map`
         gates_TK = routed.router.gates_TK.to(x_TD.dtype)
-        return kernels.scattered_mlp(x_TD, self.experts.full_weight(), self.output_experts.full_weight(), k,
+        return molm_kernels.scattered_mlp(x_TD, self.experts.full_weight(), self.output_experts.full_weight(), k,
                                      routed.index, gates_TK, self.activation)
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, Routed]:
@@ -270,7 +270,7 @@ class MoA(nn.Module):
         # Query heads ordered (h, r) so that query head h*K + r reads kv head h: grouped-query
         # layout, the K chosen experts share one K/V without copies.
         q = q_N.view(B, T, K, nh, hs).permute(0, 3, 2, 1, 4).reshape(B, nh * K, T, hs)
-        o = kernels.stickbreaking_attention(q, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2), key_mask_BS,
+        o = molm_kernels.stickbreaking_attention(q, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2), key_mask_BS,
                                             self.attn_pdrop, self.training)  # (B, nh*K, T, hs)
         o_N = o.view(B, nh, K, T, hs).permute(0, 3, 2, 1, 4).reshape(B * T * K, nh * hs)
 
@@ -369,7 +369,7 @@ class LMHead(nn.Linear):
     """The output layer: nn.Linear without bias (weight [V, D], key `lm_head.weight`). On GPU, for
     more than a few rows, the logits are computed into a vocabulary padded to a multiple of 64
     and returned as a view of the first V columns (same values): V = 50295 otherwise sends cuBLAS
-    to a slow kernel (see kernels.linear_padded_out). Decoding a few rows skips the padding, whose
+    to a slow kernel (see molm_kernels.linear_padded_out). Decoding a few rows skips the padding, whose
     weight copy would cost more than the matmul it speeds up."""
 
     def __init__(self, n_embd: int, vocab_size: int):
@@ -377,7 +377,7 @@ class LMHead(nn.Linear):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.is_cuda and h.numel() >= 64 * h.shape[-1]:
-            return kernels.linear_padded_out(h, self.weight)
+            return molm_kernels.linear_padded_out(h, self.weight)
         return super().forward(h)
 
 

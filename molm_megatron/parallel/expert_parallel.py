@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import kernels
+import molm_kernels
 from molm_megatron.model.model import MoE, Routed, RouterOutput
 from molm_megatron.parallel.groups import ParallelGroups, check_divides
 from molm_megatron.parallel.sharding import shard_parameter
@@ -93,7 +93,7 @@ def _single_choice_routing(local_expert_M: torch.Tensor, num_local: int, dtype: 
     empty = torch.empty(experts_M1.shape[0], 0, device=experts_M1.device)
     router = RouterOutput(gates_TK=torch.ones(experts_M1.shape, dtype=dtype, device=experts_M1.device),
                           experts_TK=experts_M1, probs_TE=empty, logits_TE=empty)
-    return Routed(router, kernels.route(experts_M1, num_local), None)
+    return Routed(router, molm_kernels.route(experts_M1, num_local), None)
 
 
 class ExpertParallelDispatcher:
@@ -132,7 +132,7 @@ class ExpertParallelDispatcher:
         experts_TK, index = routed.router.experts_TK, routed.index
         if self.rank_major_E is not None:
             experts_TK = self.rank_major_E.to(experts_TK.device)[experts_TK]
-            index = kernels.route(experts_TK, self.num_experts)
+            index = molm_kernels.route(experts_TK, self.num_experts)
         sorted_flat_N = index.sorted_flat_idx_N
         send_counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
         recv_counts_E = torch.empty_like(send_counts_E)  # (ep sources x E_local) counts for my experts

@@ -9,7 +9,7 @@ category by the operation that launched it:
 
 - attention: the stick-breaking kernels (custom ops molm_kernels::sb_fwd / sb_bwd);
 - experts: the scattered expert matmuls of MoA and SMoE (molm_kernels::scatter_mm / expert_xty);
-- routing: everything launched inside Router.forward and kernels.route, and the backward of those
+- routing: everything launched inside Router.forward and molm_kernels.route, and the backward of those
   forward operations (linked by autograd sequence number);
 - optimizer: everything inside the DeepSpeed step at the accumulation boundary (ZeRO gradient
   copy, norm, clipping, AdamW, bf16 copy-back);
@@ -33,7 +33,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import kernels
+import molm_kernels
 from molm_megatron.cli import parse_job_config
 from molm_megatron.model.model import Router
 
@@ -45,7 +45,7 @@ _OP_CATEGORY = {"molm_kernels::sb_fwd": "attention", "molm_kernels::sb_bwd": "at
 @contextlib.contextmanager
 def _labelled(engine):
     """Wrap routing and the optimizer step in profiler ranges, undone on exit."""
-    router_forward, route, engine_step = Router.forward, kernels.route, engine.step
+    router_forward, route, engine_step = Router.forward, molm_kernels.route, engine.step
 
     def labelled(name, fn):
         def wrapper(*args, **kwargs):
@@ -54,12 +54,12 @@ def _labelled(engine):
         return wrapper
 
     Router.forward = labelled("routing", router_forward)
-    kernels.route = labelled("routing", route)
+    molm_kernels.route = labelled("routing", route)
     engine.step = labelled("optimizer", engine_step)
     try:
         yield
     finally:
-        Router.forward, kernels.route = router_forward, route
+        Router.forward, molm_kernels.route = router_forward, route
         del engine.step  # back to the bound method of the class
 
 

@@ -189,7 +189,7 @@ STANDALONE_CHECK = r"""
 import importlib.util, json, sys
 sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path = [p for p in sys.path if "__editable__" not in p]
-for name in ("molm_megatron", "kernels", "tokenizer", "data_prep"):
+for name in ("molm_megatron", "molm_kernels", "tokenizer", "data_prep"):
     assert importlib.util.find_spec(name) is None, name
 import torch
 from transformers import AutoModelForCausalLM

@@ -20,10 +20,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton  # noqa: E402
-from kernels.scattered_experts_reference import parallel_linear_reference, route, scattered_mlp_reference  # noqa: E402
-from kernels.stickbreaking import Plan, sb_backward, sb_forward, stickbreaking_attention_triton  # noqa: E402
-from kernels.stickbreaking_reference import stickbreaking_attention_reference  # noqa: E402
+from molm_kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton  # noqa: E402
+from molm_kernels.scattered_experts_reference import parallel_linear_reference, route, scattered_mlp_reference  # noqa: E402
+from molm_kernels.stickbreaking import Plan, sb_backward, sb_forward, stickbreaking_attention_triton  # noqa: E402
+from molm_kernels.stickbreaking_reference import stickbreaking_attention_reference  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.scattered_experts_reference import route
-from kernels.stickbreaking_reference import stickbreaking_attention_reference
+from molm_kernels.scattered_experts_reference import route
+from molm_kernels.stickbreaking_reference import stickbreaking_attention_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -67,8 +67,8 @@ def test_reference_cu_seqlens_equals_separate_documents():
 
 
 def test_input_errors_name_the_problem():
-    from kernels.scattered_experts import scatter_mm
-    from kernels.stickbreaking import doc_start_from_cu_seqlens, sb_forward
+    from molm_kernels.scattered_experts import scatter_mm
+    from molm_kernels.stickbreaking import doc_start_from_cu_seqlens, sb_forward
 
     q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
@@ -85,7 +85,7 @@ def test_input_errors_name_the_problem():
 
 
 def test_doc_start_from_cu_seqlens():
-    from kernels.stickbreaking import doc_start_from_cu_seqlens
+    from molm_kernels.stickbreaking import doc_start_from_cu_seqlens
 
     starts = doc_start_from_cu_seqlens(torch.tensor([0, 3, 3, 7]), 2, 7)
     assert starts.tolist() == [[0, 0, 0, 3, 3, 3, 3]] * 2
@@ -93,12 +93,12 @@ def test_doc_start_from_cu_seqlens():
 
 def test_dispatch_uses_references_on_cpu():
     """On CPU tensors the dispatch point returns exactly the reference (dropout off)."""
-    import kernels
+    import molm_kernels
 
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 1, 9, 8), torch.randn(1, 1, 9, 8)
-    assert torch.equal(kernels.stickbreaking_attention(q, k, v), stickbreaking_attention_reference(q, k, v))
-    assert math.isfinite(kernels.stickbreaking_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 9])).sum().item())
+    assert torch.equal(molm_kernels.stickbreaking_attention(q, k, v), stickbreaking_attention_reference(q, k, v))
+    assert math.isfinite(molm_kernels.stickbreaking_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 9])).sum().item())
 
 
 def test_route_offsets_equal_a_naive_count():
@@ -120,7 +120,7 @@ def test_route_offsets_equal_a_naive_count():
 def test_linear_padded_out_equals_linear_with_gradients():
     """The padded-vocabulary output layer gives F.linear's logits and gradients (float64), and its
     strided view works with cross entropy as the model uses it."""
-    from kernels import linear_padded_out
+    from molm_kernels import linear_padded_out
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -140,7 +140,7 @@ def test_linear_padded_out_equals_linear_with_gradients():
 def test_reference_mlp_with_biases_and_glu_equals_a_per_token_loop(form):
     """scattered_mlp_reference's biases and GLU form against a dumb loop over tokens and choices:
     y_t = sum_j g_tj (W2[e] h + b2[e]), h = act(W1[e] x + b1[e]) (* W3[e] x in the GLU form)."""
-    from kernels.scattered_experts_reference import ACTIVATIONS, scattered_mlp_reference
+    from molm_kernels.scattered_experts_reference import ACTIVATIONS, scattered_mlp_reference
 
     torch.manual_seed(0)
     T, K, E, I, F, O = 9, 2, 4, 6, 5, 7

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import stickbreaking_attention_reference
+from molm_kernels import stickbreaking_attention_reference
 
 
 def naive_stickbreaking(q, k, v, key_mask=None):

@@ -1,10 +1,10 @@
 """Triton kernels with their PyTorch references, and the one dispatch point the model uses.
 
 `stickbreaking_attention`, `parallel_linear` and `scattered_mlp` run the Triton kernels on CUDA
-tensors (`kernels/stickbreaking.py`, `kernels/scattered_experts.py`) and the PyTorch references
+tensors (`kernels/molm_kernels/stickbreaking.py`, `kernels/molm_kernels/scattered_experts.py`) and the PyTorch references
 elsewhere (CPU, and the oracle in tests). `linear_padded_out` is the output layer's cuBLAS
 alignment fix. Nothing on the CUDA path reads a value back to the host, so a layer or the whole
-model can be captured in a CUDA graph (`kernels.bench.capture`; benchmarks/model_bench.py captures
+model can be captured in a CUDA graph (`molm_kernels.bench.capture`; benchmarks/model_bench.py captures
 the model).
 """
 
@@ -14,14 +14,14 @@ import torch
 
 import torch.nn.functional as F
 
-from kernels.scattered_experts_reference import (
+from molm_kernels.scattered_experts_reference import (
     ACTIVATIONS,
     Routing,
     parallel_linear_reference,
     route,
     scattered_mlp_reference,
 )
-from kernels.stickbreaking_reference import stickbreaking_attention_reference
+from molm_kernels.stickbreaking_reference import stickbreaking_attention_reference
 
 __all__ = ["ACTIVATIONS", "Routing", "route", "parallel_linear", "scattered_mlp", "stickbreaking_attention",
            "linear_padded_out", "parallel_linear_reference", "scattered_mlp_reference",
@@ -37,13 +37,13 @@ def stickbreaking_attention(
     training: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stick-breaking attention; see kernels.stickbreaking_reference for semantics and shapes.
+    """Stick-breaking attention; see molm_kernels.stickbreaking_reference for semantics and shapes.
 
     CUDA tensors run the Triton kernels, except with attention dropout in training (the kernels
     have no dropout; that case falls back to the reference, O(T * S) memory).
     """
     if q_BHTD.is_cuda and not (attn_dropout and training):
-        from kernels.stickbreaking import stickbreaking_attention_triton
+        from molm_kernels.stickbreaking import stickbreaking_attention_triton
 
         return stickbreaking_attention_triton(q_BHTD, k_BGSD, v_BGSD, key_mask_BS, cu_seqlens)
     return stickbreaking_attention_reference(q_BHTD, k_BGSD, v_BGSD, key_mask_BS, attn_dropout, training,
@@ -59,10 +59,10 @@ def parallel_linear(
     grouped_out: bool = False,
     gates_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scattered expert matmul; see kernels.scattered_experts_reference for semantics and shapes.
+    """Scattered expert matmul; see molm_kernels.scattered_experts_reference for semantics and shapes.
     CUDA tensors run the Triton kernels."""
     if x.is_cuda:
-        from kernels.scattered_experts import parallel_linear_triton
+        from molm_kernels.scattered_experts import parallel_linear_triton
 
         return parallel_linear_triton(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK)
     return parallel_linear_reference(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK)
@@ -83,10 +83,10 @@ def scattered_mlp(
     """SMoE experts y_t = sum_j g_tj (W2[e] h_e(x_t) + b2[e]), e = e_tj, with
     h_e(x) = act(W1[e] x + b1[e]), or act(W1[e] x + b1[e]) * (W3[e] x) in the GLU form (w3 given:
     Llama's SwiGLU); biases optional. See
-    kernels.scattered_experts_reference.scattered_mlp_reference. CUDA tensors run the Triton
+    molm_kernels.scattered_experts_reference.scattered_mlp_reference. CUDA tensors run the Triton
     kernels (gelu_new and the biases fused into the matmuls)."""
     if x_TI.is_cuda:
-        from kernels.scattered_experts import scattered_mlp_triton
+        from molm_kernels.scattered_experts import scattered_mlp_triton
 
         return scattered_mlp_triton(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation, b1_EF, b2_EO, w3_EIF)
     return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation, b1_EF, b2_EO, w3_EIF)

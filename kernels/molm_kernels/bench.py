@@ -19,7 +19,7 @@ the whole step in a CUDA graph and time its replays (no launch overhead):
    torch grouped mm and a dense MLP of the same active FLOPs, in TFLOP/s of active expert FLOPs;
 plus a profile of the fused experts and, when named, block-shape sweeps.
 
-Usage: python -m kernels.bench [--out DIR] [--skip-check] [--skip-bench] [--only NAME ...]
+Usage: python -m molm_kernels.bench [--out DIR] [--skip-check] [--skip-bench] [--only NAME ...]
        [--checks NAME ...] [--budget-s SECONDS]
 """
 
@@ -129,8 +129,8 @@ def check_no_sync(name: str, fn: Callable[[], Any]) -> bool:
 
 def check_sb(name, B, H, G, T, S, D, dtype=torch.bfloat16, mask=False, cu=None, truncate=32.0,
              deterministic=True, ref_dtype=torch.float64, tol=1e-2):
-    from kernels.stickbreaking import stickbreaking_attention_triton
-    from kernels.stickbreaking_reference import stickbreaking_attention_reference
+    from molm_kernels.stickbreaking import stickbreaking_attention_triton
+    from molm_kernels.stickbreaking_reference import stickbreaking_attention_reference
 
     dev = "cuda"
     q = torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True)
@@ -153,7 +153,7 @@ def check_sb(name, B, H, G, T, S, D, dtype=torch.bfloat16, mask=False, cu=None, 
 
 def check_sb_reproducible():
     """The ordered backward gives bitwise-identical dK/dV across runs."""
-    from kernels.stickbreaking import stickbreaking_attention_triton
+    from molm_kernels.stickbreaking import stickbreaking_attention_triton
 
     q = torch.randn(2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 2, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -172,8 +172,8 @@ def check_sb_reproducible():
 def check_experts(N_tokens=8192, E=32, K=2, d=1024, ffd=2048, dtype=torch.bfloat16):
     """The SMoE expert MLP, fused (gelu_new in the epilogues) and unfused, and MoA's flat-order
     query projection, in bf16 against the fp32 references: output and every gradient."""
-    import kernels
-    from kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton
+    import molm_kernels
+    from molm_kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton
 
     dev = "cuda"
     x = torch.randn(N_tokens, d, device=dev, dtype=dtype, requires_grad=True)
@@ -182,14 +182,14 @@ def check_experts(N_tokens=8192, E=32, K=2, d=1024, ffd=2048, dtype=torch.bfloat
     probs = torch.softmax(torch.randn(N_tokens, E, device=dev), -1)
     gates, idx = probs.topk(K, -1)
     gates = gates.to(dtype).requires_grad_()
-    routing = kernels.route(idx, E)
+    routing = molm_kernels.route(idx, E)
     dy = torch.randn(N_tokens, d, device=dev, dtype=dtype)
     ref_in = [t.detach().float().requires_grad_() for t in (x, w1, w2, gates)]
-    y_ref = kernels.scattered_mlp_reference(ref_in[0], ref_in[1], ref_in[2], K, routing, ref_in[3])
+    y_ref = molm_kernels.scattered_mlp_reference(ref_in[0], ref_in[1], ref_in[2], K, routing, ref_in[3])
     g_ref = torch.autograd.grad(y_ref, ref_in, dy.float())
     ok, row = True, {}
     for name, fn in (("fused", scattered_mlp_triton),
-                     ("unfused", lambda *a: kernels.scattered_mlp_reference(*a, linear=parallel_linear_triton))):
+                     ("unfused", lambda *a: molm_kernels.scattered_mlp_reference(*a, linear=parallel_linear_triton))):
         y = fn(x, w1, w2, K, routing, gates)
         g = torch.autograd.grad(y, (x, w1, w2, gates), dy)
         errs = [rel(a, b) for a, b in zip((y, *g), (y_ref, *g_ref))]
@@ -203,7 +203,7 @@ def check_experts(N_tokens=8192, E=32, K=2, d=1024, ffd=2048, dtype=torch.bfloat
     dyq = torch.randn_like(yq)
     gq = torch.autograd.grad(yq, (x, wq), dyq)
     xr, wr = x.detach().float().requires_grad_(), wq.detach().float().requires_grad_()
-    yq_ref = kernels.parallel_linear_reference(xr, wr, K, routing)
+    yq_ref = molm_kernels.parallel_linear_reference(xr, wr, K, routing)
     gq_ref = torch.autograd.grad(yq_ref, (xr, wr), dyq.float())
     errs_q = [rel(a, b) for a, b in zip((yq, *gq), (yq_ref, *gq_ref))]
     ok = ok and all(e < 1e-2 for e in errs_q)
@@ -220,13 +220,13 @@ def check_expert_forms(N_tokens=4096, E=64, K=16, d=1024, ffd=64, dtype=torch.bf
     biases (GPT-2; fused), exact gelu with biases (GPT-NeoX; Triton composition), SwiGLU (Llama;
     gate/up/down), each with the weights as transposed views of [E, out, in] storage, as EMoE
     passes an nn.Linear's weight."""
-    import kernels
-    from kernels.scattered_experts import scattered_mlp_triton
+    import molm_kernels
+    from molm_kernels.scattered_experts import scattered_mlp_triton
 
     dev = "cuda"
     probs = torch.softmax(torch.randn(N_tokens, E, device=dev), -1)
     idx = probs.topk(K, -1).indices
-    routing = kernels.route(idx, E)
+    routing = molm_kernels.route(idx, E)
 
     def view(I, O, scale):  # an [E, I, O] weight as a view of [E, O, I] storage
         return ((torch.rand(E, O, I, device=dev, dtype=dtype) * 2 - 1) * scale).transpose(1, 2).requires_grad_()
@@ -246,7 +246,7 @@ def check_expert_forms(N_tokens=4096, E=64, K=16, d=1024, ffd=64, dtype=torch.bf
         inputs = [x, w1, w2, gates, *opt.values()]
         dy = torch.randn(N_tokens, d, device=dev, dtype=dtype)
         ref_in = [t.detach().float().requires_grad_() for t in inputs]
-        y_ref = kernels.scattered_mlp_reference(*ref_in[:3], K, routing, ref_in[3], activation,
+        y_ref = molm_kernels.scattered_mlp_reference(*ref_in[:3], K, routing, ref_in[3], activation,
                                                 **dict(zip(opt, ref_in[4:])))
         g_ref = torch.autograd.grad(y_ref, ref_in, dy.float())
         y = scattered_mlp_triton(x, w1, w2, K, routing, gates, activation, **opt)
@@ -317,7 +317,7 @@ def run_checks(checks: dict[str, Callable[[bool], bool | None]], deterministic_o
 def bench_sb_vs_sdpa(deterministic: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.stickbreaking import stickbreaking_attention_triton
+    from molm_kernels.stickbreaking import stickbreaking_attention_triton
 
     B, H, D = 4, 12, 128
     for T in (2048, 4096, 8192):
@@ -347,8 +347,8 @@ def bench_sb_vs_sdpa(deterministic: bool):
 
 
 def bench_sb_plans():
-    """Block-shape sweep for D=128, T=4096 (picks the defaults in kernels/stickbreaking.py Plan)."""
-    from kernels.stickbreaking import Plan, sb_backward, sb_forward
+    """Block-shape sweep for D=128, T=4096 (picks the defaults in kernels/molm_kernels/stickbreaking.py Plan)."""
+    from molm_kernels.stickbreaking import Plan, sb_backward, sb_forward
 
     B, H, T, D = 4, 12, 4096, 128
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -378,8 +378,8 @@ def bench_sb_plans():
 
 def bench_molm_attention(deterministic: bool):
     """The attention core at MoLM's shape: ours (truncated, untruncated) vs the reference."""
-    from kernels.stickbreaking import stickbreaking_attention_triton
-    from kernels.stickbreaking_reference import stickbreaking_attention_reference
+    from molm_kernels.stickbreaking import stickbreaking_attention_triton
+    from molm_kernels.stickbreaking_reference import stickbreaking_attention_reference
 
     B, H, G, T, S, D = 8, 2, 1, 512, 1024, 1024
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
@@ -400,8 +400,8 @@ def bench_molm_attention(deterministic: bool):
 def bench_experts(sizes=(8192, 32768)):
     """SMoE experts fwd+bwd: fused and unfused Triton, eager and graph, vs torch grouped mm and a
     dense MLP of the same active FLOPs."""
-    import kernels
-    from kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton
+    import molm_kernels
+    from molm_kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton
 
     E, K, d, ffd = 32, 2, 1024, 2048
     grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -420,14 +420,14 @@ def bench_experts(sizes=(8192, 32768)):
         params = (x, w1, w2, gates)
 
         def fused():
-            return scattered_mlp_triton(x, w1, w2, K, kernels.route(idx, E), gates)
+            return scattered_mlp_triton(x, w1, w2, K, molm_kernels.route(idx, E), gates)
 
         def unfused():
-            return kernels.scattered_mlp_reference(x, w1, w2, K, kernels.route(idx, E), gates,
+            return molm_kernels.scattered_mlp_reference(x, w1, w2, K, molm_kernels.route(idx, E), gates,
                                                    linear=parallel_linear_triton)
 
         def torch_grouped():
-            routing = kernels.route(idx, E)
+            routing = molm_kernels.route(idx, E)
             offs = routing.expert_offsets_E.to(torch.int32)
             xs = x[routing.sorted_flat_idx_N // K]
             h = F.gelu(grouped_mm(xs, w1, offs=offs), approximate="tanh")
@@ -467,7 +467,7 @@ def bench_experts(sizes=(8192, 32768)):
 def bench_sb1024_plans():
     """Forward block shapes for D=1024 at the inference shape (64 x 2 heads x 512, no memory):
     the default plan recomputes the scores per 256-wide output slice."""
-    from kernels.stickbreaking import Plan, sb_forward
+    from molm_kernels.stickbreaking import Plan, sb_forward
 
     B, H, T, D = 64, 2, 512, 1024
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -501,7 +501,7 @@ def profile_top(fn, name: str, rows: int = 12):
 
 def det_probe() -> int:
     """Run in a child process: the ordered backward must finish (a hang would be a deadlock)."""
-    from kernels.stickbreaking import stickbreaking_attention_triton
+    from molm_kernels.stickbreaking import stickbreaking_attention_triton
 
     for T, trunc in ((4096, 32.0), (2048, math.inf)):
         q, k, v = (torch.randn(2, 4, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -513,7 +513,7 @@ def det_probe() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench", description: str = __doc__,
+def main(argv: list[str] | None = None, *, prog: str = "python -m molm_kernels.bench", description: str = __doc__,
          checks: dict[str, Callable[[bool], bool | None]] = CHECKS,
          steps: dict[str, tuple[Callable, bool]] | None = None, sweeps: tuple[str, ...] | None = None,
          default_out: str = "outputs/kernel_bench") -> int:
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench"
     try:
         if args.no_det_probe:
             raise StopIteration
-        p = subprocess.run([sys.executable, "-m", "kernels.bench", "--det-probe"], timeout=120,
+        p = subprocess.run([sys.executable, "-m", "molm_kernels.bench", "--det-probe"], timeout=120,
                            capture_output=True, text=True)
         det_ok = p.returncode == 0
         log(f"deterministic probe rc={p.returncode} {p.stdout.strip()[-200:]} {p.stderr.strip()[-1500:]}")
@@ -602,8 +602,8 @@ def save_results(out: str) -> None:
 
 def profile_experts():
     """Kernel time breakdown of the fused experts fwd+bwd at N=32768."""
-    import kernels
-    from kernels.scattered_experts import scattered_mlp_triton
+    import molm_kernels
+    from molm_kernels.scattered_experts import scattered_mlp_triton
 
     N, E, K = 32768, 32, 2
     x = torch.randn(N, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -612,7 +612,7 @@ def profile_experts():
     gates, idx = torch.softmax(torch.randn(N, E, device="cuda"), -1).topk(K, -1)
     gates = gates.to(torch.bfloat16).requires_grad_()
     dy = torch.randn(N, 1024, device="cuda", dtype=torch.bfloat16)
-    profile_top(lambda: torch.autograd.grad(scattered_mlp_triton(x, w1, w2, K, kernels.route(idx, E), gates),
+    profile_top(lambda: torch.autograd.grad(scattered_mlp_triton(x, w1, w2, K, molm_kernels.route(idx, E), gates),
                                             (x, w1, w2, gates), dy), "fused experts fwd+bwd N=32768")
 
 

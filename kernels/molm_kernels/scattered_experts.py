@@ -1,7 +1,7 @@
-"""Triton scattered expert matmuls (the CUDA path of `kernels.parallel_linear`).
+"""Triton scattered expert matmuls (the CUDA path of `molm_kernels.parallel_linear`).
 
 Implements the gather + grouped matmul + scatter of scattermoe (Tan et al., "Scattered
-Mixture-of-Experts Implementation", 2024) with our own kernels; `kernels/scattered_experts_reference.py`
+Mixture-of-Experts Implementation", 2024) with our own kernels; `kernels/molm_kernels/scattered_experts_reference.py`
 is the oracle and defines the routing index. No padding and no dropped tokens: every program
 owns a run of at most BLOCK_M consecutive sorted assignments of one expert (each expert's run is
 cut into blocks; the last block of a run is partial and masked), and finds its expert from the
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import INTERPRET, dot_precision
-from kernels.scattered_experts_reference import Routing, scattered_mlp_reference
+from molm_kernels._triton_common import INTERPRET, dot_precision
+from molm_kernels.scattered_experts_reference import Routing, scattered_mlp_reference
 
 
 def _mm_configs() -> list[triton.Config]:
@@ -486,7 +486,7 @@ def parallel_linear_triton(
     gates_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scattered expert matmul with the Triton kernels; semantics of
-    `kernels.scattered_experts_reference.parallel_linear_reference` (same arguments and shapes)."""
+    `molm_kernels.scattered_experts_reference.parallel_linear_reference` (same arguments and shapes)."""
     if gates_TK is not None and grouped_out:
         raise ValueError("gates need flat-order output (grouped_out=False)")
     _, sorted_flat, offsets = routing
@@ -550,7 +550,7 @@ def scattered_mlp_triton(
     w3_EIF: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SMoE experts with the Triton kernels; semantics of
-    `kernels.scattered_experts_reference.scattered_mlp_reference` (same arguments). gelu_new
+    `molm_kernels.scattered_experts_reference.scattered_mlp_reference` (same arguments). gelu_new
     and the biases are fused into the matmuls' epilogues; other activations and the GLU form
     run the composition of Triton matmuls, with the biases added (and their gradients summed)
     by PyTorch."""

@@ -1,7 +1,7 @@
-"""Triton stick-breaking attention, forward and backward (the CUDA path of `kernels.stickbreaking_attention`).
+"""Triton stick-breaking attention, forward and backward (the CUDA path of `molm_kernels.stickbreaking_attention`).
 
 Implements the attention of docs/design.md, "Model semantics" (Tan et al., "Scaling Stick-Breaking Attention",
-2024; ModuleFormer, Shen et al. 2023); `kernels/stickbreaking_reference.py` is the oracle. For query
+2024; ModuleFormer, Shen et al. 2023); `kernels/molm_kernels/stickbreaking_reference.py` is the oracle. For query
 i (at key position p_i) and visible key j <= p_i, with l_ij = q_i . k_j / sqrt(D):
 
     log A_ij = l_ij - sum_{j <= m <= p_i, m visible} softplus(l_im),    o_i = sum_j A_ij v_j
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import INTERPRET, dot_precision
+from molm_kernels._triton_common import INTERPRET, dot_precision
 
 LOG2E = 1.4426950408889634
 DEFAULT_TRUNCATE_NATS = 32.0  # exp(-32) = 1.3e-14: dropped weight is far under fp32 rounding
@@ -516,7 +516,7 @@ def stickbreaking_attention_triton(
     deterministic: bool = True,
 ) -> torch.Tensor:
     """Stick-breaking attention with the Triton kernels; semantics of
-    `kernels.stickbreaking_reference.stickbreaking_attention_reference`.
+    `molm_kernels.stickbreaking_reference.stickbreaking_attention_reference`.
 
     q [B, H, T, D], k, v [B, G, S, D] (any strides); key_mask_BS bool [B, S] (False keys are
     transparent); cu_seqlens [num_docs + 1] document boundaries over the S key positions;
