@@ -374,6 +374,16 @@ class TrainConfig:
     """Micro-batches per rank in one validation pass."""
     max_nonfinite_steps: int = 5
     """Stop (after a checkpoint) when this many consecutive steps have non-finite loss or gradients."""
+    cuda_graph: bool = False
+    """Capture each micro-batch's forward, backward and fp32 gradient accumulation as a CUDA graph
+    and replay it: no per-kernel launch cost. Needs a CUDA device, bf16 with ZeRO-1,
+    parallel.tensor_parallel_size 1 and parallel.expert_parallel_size 1 (the expert dispatcher reads
+    split sizes on the host). Graphs are captured per kind of step (logging or not) and memory
+    length; a window without memory (the first of a run) runs eagerly."""
+    activation_checkpoint: str = "none"
+    """Recompute activations in the backward instead of keeping them: none; moa (each layer's
+    mixture-of-attention sublayer: router, query/output projections, attention); full (each whole
+    block). Trades a partial or whole extra forward for memory, e.g. for larger micro-batches."""
 
 
 FINETUNE_TRAINABLE = ("all", "new")
@@ -418,6 +428,7 @@ ZERO_STAGES = (1, 2, 3)
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp32")
+ACTIVATION_CHECKPOINTS = ("none", "moa", "full")
 WANDB_MODES = ("", "online", "offline", "disabled")
 
 
@@ -463,12 +474,23 @@ class JobConfig:
                 raise ValueError(f"{path} must be >= 0, got {value}")
         for path, value, allowed in (("parallel.zero_stage", p.zero_stage, ZERO_STAGES),
                                      ("parallel.backend", p.backend, BACKENDS),
-                                     ("train.device", t.device, DEVICES), ("train.precision", t.precision, PRECISIONS)):
+                                     ("train.device", t.device, DEVICES), ("train.precision", t.precision, PRECISIONS),
+                                     ("train.activation_checkpoint", t.activation_checkpoint, ACTIVATION_CHECKPOINTS)):
             if value not in allowed:
                 raise ValueError(f"{path} must be one of {', '.join(map(str, allowed))}; got {value!r}")
         if p.zero_stage == 3 and p.expert_parallel_size > 1:
             raise ValueError(f"parallel.zero_stage 3 needs parallel.expert_parallel_size 1, got "
                              f"{p.expert_parallel_size} (DeepSpeed partitions no expert parameters in stage 3)")
+        if t.cuda_graph:
+            graph_needs = (("train.device", t.device, t.device != "cpu"),
+                           ("train.precision", t.precision, t.precision != "fp32"),
+                           ("parallel.zero_stage", p.zero_stage, p.zero_stage == 1),
+                           ("parallel.tensor_parallel_size", p.tensor_parallel_size, p.tensor_parallel_size == 1),
+                           ("parallel.expert_parallel_size", p.expert_parallel_size, p.expert_parallel_size == 1))
+            for path, value, ok in graph_needs:
+                if not ok:
+                    raise ValueError(f"train.cuda_graph needs a CUDA device, bf16 with ZeRO-1, tensor and expert "
+                                     f"parallel size 1; {path} is {value!r}")
         if not o.lr > 0 or not o.eps > 0:
             raise ValueError(f"optimizer.lr ({o.lr}) and optimizer.eps ({o.eps}) must be positive")
         for path, beta in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):

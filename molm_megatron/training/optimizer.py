@@ -54,7 +54,7 @@ def deepspeed_config(job: JobConfig, plan: BatchPlan, on_gpu: bool, bf16: bool) 
         # Contiguous gradient buffers avoid fragmentation; overlapping the reduction with the
         # backward pass only pays on GPUs (on CPU it adds threads competing for the same cores).
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "train_batch_size": plan.global_batch_sequences,
@@ -67,6 +67,12 @@ def deepspeed_config(job: JobConfig, plan: BatchPlan, on_gpu: bool, bf16: bool) 
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if bf16 and job.parallel.zero_stage == 1:
+        # Accumulate the micro-batches' gradients in fp32 (DeepSpeed's bf16 optimizer), not in the
+        # bf16 .grad tensors: 24 micro-batches summed in bf16 keep 8 bits of mantissa. The fused
+        # accumulation (training/microbatch.py) writes these fp32 buffers directly.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 @contextlib.contextmanager

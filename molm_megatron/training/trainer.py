@@ -34,8 +34,10 @@ import yaml
 from molm_megatron.config import JobConfig, ModelConfig
 from molm_megatron.model import MoLM
 from molm_megatron.model.losses import AUX_LOSS_NAMES
+from molm_megatron.training.activation_checkpoint import apply_activation_checkpoint
 from molm_megatron.training.checkpoint import CheckpointManager, ModelState, RNGState, model_file
 from molm_megatron.training.memory import StreamMemory
+from molm_megatron.training.microbatch import FusedMicrobatch, bf16_optimizer_of
 from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load_metrics, memory_metrics,
                                             peak_flops_per_device, require_wandb)
 from molm_megatron.training.optimizer import deepspeed_config, expert_params_as_moe, param_groups
@@ -199,8 +201,10 @@ class Trainer:
         if model is None:
             model = MoLM(self.cfg)
         # Full weights first, then each rank keeps its shards: expert parallelism, then tensor
-        # parallelism around its dispatcher (the fixed order of parallel.parallelize).
+        # parallelism around its dispatcher (the fixed order of parallel.parallelize); activation
+        # checkpointing wraps the (possibly parallelised) layers last.
         model = parallel.parallelize(model, self.groups).to(self.device)
+        apply_activation_checkpoint(model, t.activation_checkpoint)
         # Dropout and sampled routing: one stream per data-parallel rank, shared by its TP ranks
         # (their activations are replicas and must be dropped identically).
         torch.manual_seed(t.seed + 1 + self.groups.dp_rank)
@@ -213,6 +217,8 @@ class Trainer:
                 config=deepspeed_config(job, self.plan, self.device.type == "cuda", self.bf16),
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job)),
                 mpu=self.groups)
+
+        self.microbatch = self._fused_microbatch()
 
         self.loader, self.make_valid_loader = build_stream_data(
             job, self.cfg, dp_rank=self.groups.dp_rank, dp_size=dp_size)
@@ -257,6 +263,20 @@ class Trainer:
         if self.job.parallel.zero_stage == 3:
             return None
         return model_file(self.groups.tp_rank, self.groups.ep_rank)
+
+    def _fused_microbatch(self) -> FusedMicrobatch | None:
+        """The fused fp32 gradient accumulation (and CUDA graphs) where DeepSpeed uses its bf16
+        optimizer (bf16 with ZeRO-1); None: DeepSpeed's own backward."""
+        t = self.job.train
+        if t.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"train.cuda_graph needs a CUDA device; train.device {t.device!r} resolved to "
+                             f"{self.device.type}")
+        if not bf16_optimizer_of(self.engine):
+            if t.cuda_graph:
+                raise ValueError("train.cuda_graph needs bf16 with parallel.zero_stage 1; train.precision "
+                                 f"{t.precision!r} resolved to {'bf16' if self.bf16 else 'fp32'}")
+            return None
+        return FusedMicrobatch(self.engine, self.plan.grad_accum_steps, t.cuda_graph)
 
     def _maybe_resume(self) -> None:
         if self.checkpoints is None:
@@ -335,23 +355,27 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; metrics only when `collect`."""
         engine, plan = self.engine, self.plan
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        # Fetch the step's micro-batches first: the loss scale needs the global valid-token count.
+        # Fetch the step's micro-batches first (one host-to-device copy): the loss scale needs the
+        # global valid-token count.
         batches = [next(self.loader) for _ in range(plan.grad_accum_steps)]
-        num_tokens = torch.stack([(b.labels != -100).sum() for b in batches]).sum().to(self.device, torch.float64)
+        ids_ABT, labels_ABT, resets_AB = (self._to_device(torch.stack([getattr(b, name) for b in batches]))
+                                          for name in ("input_ids", "labels", "reset_memory"))
+        num_tokens = (labels_ABT != -100).sum().to(torch.float64)
         dist.all_reduce(num_tokens, group=self.groups.dp_group)
         scale = plan.dp_size * plan.grad_accum_steps / num_tokens.clamp(min=1).item()
 
         # [lm loss sum, weighted aux loss, each aux loss]
         sums = torch.zeros(2 + len(AUX_LOSS_NAMES), dtype=torch.float64, device=self.device)
         counts: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            input_ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
-            memory, mask_BS = self.memory.inputs(batch.reset_memory, self.cfg.block_size)
+        for input_ids, labels, reset_B in zip(ids_ABT, labels_ABT, resets_AB):
+            memory, mask_BS = self.memory.inputs(reset_B, self.cfg.block_size)
             # Steps that log nothing compute only the weighted aux losses.
-            out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
-                         collect_expert_stats=collect, all_aux_losses=collect)
-            loss = out.lm_loss_sum * scale + out.aux_loss
-            engine.backward(loss)
+            if self.microbatch is None:
+                out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
+                             collect_expert_stats=collect, all_aux_losses=collect)
+                engine.backward(out.lm_loss_sum * scale + out.aux_loss)
+            else:
+                out = self.microbatch.run(input_ids, labels, mask_BS, memory, scale, collect)
             engine.step()  # DeepSpeed applies the update at the last micro-batch only
             self.memory.remember(out.memory, mask_BS)
             if collect:
@@ -369,6 +393,12 @@ class Trainer:
         if not collect:
             return {}
         return self._step_metrics(sums, counts, num_tokens.item(), lr)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        # Pinned and asynchronous: a copy from pageable memory would wait for the queued GPU work.
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     def _step_metrics(self, sums: torch.Tensor, counts: dict[str, torch.Tensor], num_tokens: float,
                       lr: float) -> dict[str, float]:

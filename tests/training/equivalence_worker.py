@@ -5,7 +5,7 @@ the final checkpoint consolidated from its files.
 
     torchrun --nproc_per_node 4 tests/training/equivalence_worker.py OUT.pt DATA_PREFIX LAYOUT ...
 
-LAYOUT is `name:tp:ep:zero:micro_batch:accum`.
+LAYOUT is `name:tp:ep:zero:micro_batch:accum[:extra flag:value ...]`.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ COMMON = ["--model.preset", "tiny", "--model.vocab_size", "50295", "--model.bloc
 
 
 def run_layout(spec: str, prefix: str, workdir: str) -> dict | None:
-    name, tp, ep, zero, micro, accum = spec.split(":")
+    name, tp, ep, zero, micro, accum, *extra = spec.split(":")
     dp = int(os.environ["WORLD_SIZE"]) // int(tp)
     tokens = int(micro) * int(accum) * dp * 64
     job = parse_job_config(COMMON + [
         "--parallel.tensor_parallel_size", tp, "--parallel.expert_parallel_size", ep,
         "--parallel.zero_stage", zero, "--train.micro_batch_size", micro,
         "--train.global_batch_tokens", str(tokens), "--data.prefixes", prefix,
-        "--metrics.dir", os.path.join(workdir, name), "--checkpoint.dir", os.path.join(workdir, name, "ckpt")])
+        "--metrics.dir", os.path.join(workdir, name), "--checkpoint.dir", os.path.join(workdir, name, "ckpt"),
+        *extra])
     trainer = Trainer(job)
     try:
         code = trainer.train()
@@ -54,7 +55,7 @@ def run_layout(spec: str, prefix: str, workdir: str) -> dict | None:
     # The final checkpoint's shard files (ZeRO-3: its rank files' fp32 partitions), consolidated
     # without process groups (the HF converter's path).
     consolidated = consolidate_checkpoint(os.path.join(workdir, name, "ckpt")).state_dict()
-    return {"exit_code": code, "metrics": metrics, "params": {k: v.cpu() for k, v in params.items()},
+    return {"exit_code": code, "metrics": metrics, "params": {k: v.cpu().float() for k, v in params.items()},
             "consolidated": consolidated,
             "plan": (trainer.plan.micro_batch_size, trainer.plan.grad_accum_steps, trainer.plan.dp_size)}
 

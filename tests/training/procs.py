@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def launch_env(**extra: str) -> dict[str, str]:
     """The environment of a launched rank: repo on the path, one thread per rank (2 CPU cores)."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    # The repository and its kernels/ folder first, so a worktree tests its own packages.
+    path = os.pathsep.join([str(ROOT), str(ROOT / "kernels")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", **extra}
 
 
