@@ -4,8 +4,10 @@
     python -m molm_megatron.training.benchmark --out DIR --finetune -- [finetune.py flags ...]
 
 First the ordinary `Trainer.train()` runs (its metrics.jsonl has tokens/s, MFU and memory per log
-step). Then N more steps run under torch.profiler, and every kernel's device time is charged to a
-category by the operation that launched it:
+step). Then `--timed-steps` more steps that log nothing are timed alone (breakdown.json's
+`timed_tokens_per_s`, `timed_mfu`, `peak_allocated_gib`: the figures to quote), then
+`--profile-steps` under torch.profiler, where every kernel's device time is charged, once, to a
+category by the operation that launched it (the busiest kernels are listed too):
 
 - attention: the stick-breaking kernels (custom ops molm_kernels::sb_fwd / sb_bwd);
 - experts: the scattered expert matmuls of MoA and SMoE (molm_kernels::scatter_mm / expert_xty);
@@ -31,6 +33,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import molm_kernels
@@ -81,7 +84,13 @@ def _category(event, routing_seq: set[int]) -> str:
 
 
 def time_breakdown(events, device_time: bool) -> dict[str, float]:
-    """Milliseconds of kernel (device) time per category; on CPU, self CPU time instead."""
+    """Milliseconds per category: on a GPU each kernel's device time once, charged to the operation
+    that launched it; on CPU, self CPU time.
+
+    The profiler lists every kernel twice: as a device event of its own, and among the `kernels` of
+    the operation that launched it. The device events give the total, the launching operations the
+    category; kernels with no launching operation (a CUDA-graph replay's) count as "other".
+    """
     routing_seq = set()
     for e in events:
         node = e.cpu_parent
@@ -91,10 +100,17 @@ def time_breakdown(events, device_time: bool) -> dict[str, float]:
                 break
             node = node.cpu_parent
     out = dict.fromkeys(CATEGORIES, 0.0)
-    for e in events:
-        t = e.self_device_time_total if device_time else e.self_cpu_time_total
-        if t:
-            out[_category(e, routing_seq)] += t / 1e3
+    host_events = [e for e in events if e.device_type == DeviceType.CPU]
+    if not device_time:
+        for e in host_events:
+            out[_category(e, routing_seq)] += e.self_cpu_time_total / 1e3
+        return out
+    for e in host_events:
+        launched = sum(k.duration for k in e.kernels)
+        if launched:
+            out[_category(e, routing_seq)] += launched / 1e3
+    total = sum(e.time_range.elapsed_us() for e in events if e.device_type != DeviceType.CPU) / 1e3
+    out["other"] += max(total - sum(out.values()), 0.0)
     return out
 
 
@@ -105,14 +121,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="folder for breakdown.json and the profiler's kernel table")
     # One step already holds every micro-batch of the accumulation; the profiler's Python-side
     # event processing grows with the launches (tens of thousands per step), so keep this small.
+    parser.add_argument("--timed-steps", type=int, default=2,
+                        help="steps timed after training, without the profiler and without logging (the clean "
+                             "tokens/s and MFU of breakdown.json; 0: none)")
     parser.add_argument("--profile-steps", type=int, default=1,
-                        help="steps run under the profiler after training (0: train only, no breakdown)")
+                        help="steps run under the profiler after those (0: no breakdown)")
     parser.add_argument("--finetune", action="store_true",
                         help="benchmark finetune.py instead: its flags after --, the model from finetune.init_from "
                              "(preset:NAME for a random one); breakdown.json adds the trainable share")
     args, rest = parser.parse_known_args(argv)
-    if args.profile_steps < 0:
-        parser.error(f"--profile-steps must be >= 0, got {args.profile_steps}")
+    for flag in ("timed_steps", "profile_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     flags = [a for a in rest if a != "--"]
     os.makedirs(args.out, exist_ok=True)
     if args.finetune:
@@ -131,6 +151,8 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         code = trainer.train()
         result = {"exit_code": code, "train_seconds": time.perf_counter() - start, "job": job.to_dict(), **params}
+        if args.timed_steps:
+            result.update(_timed(trainer, args.timed_steps))
         if args.profile_steps:
             result.update(_profile(trainer, args.profile_steps, args.out))
         else:
@@ -142,19 +164,43 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(trainer, steps: int) -> dict:
+    """`steps` more training steps that log nothing, timed from the host with the device drained
+    before and after: tokens/s, MFU (ModelConfig.flops_per_token over the device's peak) and peak memory."""
+    _sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(collect=False)
+    _sync(trainer.device)
+    seconds = (time.perf_counter() - start) / steps
+    tokens_per_s = trainer.plan.global_batch_tokens / seconds
+    result = {"timed_step_s": seconds, "timed_tokens_per_s": tokens_per_s}
+    if trainer.peak_flops:
+        result["timed_mfu"] = trainer.flops_per_token * tokens_per_s / (trainer.world_size * trainer.peak_flops)
+    if trainer.device.type == "cuda":
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+    print("timed: " + ", ".join(f"{k} {v:,.4g}" for k, v in result.items()))
+    return result
+
+
 def _profile(trainer, steps: int, out: str) -> dict:
     """`steps` (>= 1) more training steps under torch.profiler: wall time and kernel time per category."""
     device = trainer.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with _labelled(trainer.engine), profile(activities=activities) as prof:
-        sync()
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             trainer.train_step(collect=False)
-        sync()
+        _sync(device)
         step_ms = (time.perf_counter() - t0) * 1e3 / steps
-    per_step = {k: v / steps for k, v in time_breakdown(prof.events(), device.type == "cuda").items()}
+    events = prof.events()
+    per_step = {k: v / steps for k, v in time_breakdown(events, device.type == "cuda").items()}
     total = sum(per_step.values())
     share = {k: v / total if total else 0.0 for k, v in per_step.items()}
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -164,7 +210,23 @@ def _profile(trainer, steps: int, out: str) -> dict:
     print(f"step wall {step_ms:.1f} ms ({tokens_per_s:,.0f} tokens/s), summed kernel time {total:.1f} ms")
     for k in CATEGORIES:
         print(f"  {k:10s} {per_step[k]:8.2f} ms  {share[k]:6.1%}")
-    return {"step_wall_ms": step_ms, "tokens_per_s": tokens_per_s, "kernel_ms_per_step": per_step, "share": share}
+    top = top_kernels(events, steps)
+    for name, ms, calls in top:
+        print(f"  {ms:8.2f} ms {calls:7.0f} calls  {name[:100]}")
+    return {"step_wall_ms": step_ms, "tokens_per_s": tokens_per_s, "kernel_ms_per_step": per_step, "share": share,
+            "top_kernels": top}
+
+
+def top_kernels(events, steps: int, n: int = 25) -> list[tuple[str, float, float]]:
+    """(kernel name, device ms per step, launches per step) of the n kernels with the most device
+    time (each kernel counted once, from its device event)."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            entry = totals.setdefault(e.name, [0.0, 0.0])
+            entry[0] += e.time_range.elapsed_us() / 1e3 / steps
+            entry[1] += 1 / steps
+    return sorted(((name, ms, calls) for name, (ms, calls) in totals.items()), key=lambda r: -r[1])[:n]
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

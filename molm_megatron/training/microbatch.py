@@ -101,17 +101,9 @@ class FusedMicrobatch:
 
     def _capture(self, input_ids, labels, mask_BS, memory, collect: bool) -> CapturedMicrobatch:
         static = StaticInputs.like(input_ids, labels, mask_BS, memory)
-        aliases = {}
-        for name, p in self.model.named_parameters():
-            alias = p.detach().requires_grad_(p.requires_grad)
-            for hook in (p._backward_hooks or {}).values():  # e.g. the frozen-row masks of a grown vocabulary
-                alias.register_hook(hook)
-            aliases[name] = alias
+        model, aliases = parameter_aliases(self.model)
         by_id = {id(p): name for name, p in self.model.named_parameters()}
         alias_params = [aliases[by_id[id(p)]] for p in self.params]
-
-        def model(*args, **kwargs):
-            return torch.func.functional_call(self.model, aliases, args, kwargs)
 
         def run(targets):
             return self._forward_backward(model, alias_params, targets, static.input_ids, static.labels, static.mask_BS,
@@ -131,6 +123,24 @@ class FusedMicrobatch:
         with torch.cuda.graph(graph, pool=pool, stream=side):
             out, present = run(self.hp_grads)
         return CapturedMicrobatch(graph, static, out, present, aliases)
+
+
+def parameter_aliases(model: torch.nn.Module) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """`model` called over aliases of its parameters, and the aliases by name: same storage (an
+    update of a parameter is seen through its alias), but fresh autograd leaves whose gradient
+    nodes are made where the call runs, each with its parameter's tensor hooks (e.g. the
+    frozen-row masks of a grown vocabulary)."""
+    aliases = {}
+    for name, p in model.named_parameters():
+        alias = p.detach().requires_grad_(p.requires_grad)
+        for hook in (p._backward_hooks or {}).values():
+            alias.register_hook(hook)
+        aliases[name] = alias
+
+    def call(*args, **kwargs):
+        return torch.func.functional_call(model, aliases, args, kwargs)
+
+    return call, aliases
 
 
 @dataclass

@@ -17,6 +17,7 @@ from molm_megatron.cli import parse_job_config
 from molm_megatron.config import model_preset
 from molm_megatron.model import MoLM
 from molm_megatron.training.activation_checkpoint import apply_activation_checkpoint
+from molm_megatron.training.microbatch import parameter_aliases
 
 
 def loss_and_grads(mode: str):
@@ -64,3 +65,23 @@ def test_settings_that_cannot_apply_are_refused(flags, message):
     with pytest.raises(ValueError) as err:
         parse_job_config(["--model.preset", "tiny", "--parallel.zero_stage", "1", *flags]).validate()
     assert message in str(err.value)
+
+
+def test_parameter_aliases_compute_the_models_gradients_with_its_hooks():
+    # What a CUDA-graph capture differentiates: the model over aliases of its parameters.
+    torch.manual_seed(0)
+    model = MoLM(model_preset("tiny")).double()
+    head = model.lm_head.weight
+    head.register_hook(lambda g: g * 2.0)  # as modular.insert's frozen-row masks do
+    ids = torch.randint(0, 500, (2, 8))
+    model(ids, labels=ids.roll(-1, 1)).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    call, aliases = parameter_aliases(model)
+    names = list(aliases)
+    grads = torch.autograd.grad(call(ids, labels=ids.roll(-1, 1)).loss, [aliases[n] for n in names])
+    assert all(torch.equal(g, want[n]) for n, g in zip(names, grads))
+    assert aliases["lm_head.weight"].data_ptr() == head.data_ptr()  # same storage: updates are seen
+    with torch.no_grad():
+        head.add_(1.0)
+    assert torch.equal(aliases["lm_head.weight"], head)
