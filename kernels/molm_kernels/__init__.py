@@ -3,7 +3,8 @@
 `stickbreaking_attention`, `parallel_linear` and `scattered_mlp` run the Triton kernels on CUDA
 tensors (`kernels/molm_kernels/stickbreaking.py`, `kernels/molm_kernels/scattered_experts.py`) and the PyTorch references
 elsewhere (CPU, and the oracle in tests). `linear_padded_out` is the output layer's cuBLAS
-alignment fix. Nothing on the CUDA path reads a value back to the host, so a layer or the whole
+alignment fix. `accumulate_weight_grads` lets the expert weights' gradient kernel add into a
+trainer's fp32 buffers (molm_kernels/grad_accumulation.py). Nothing on the CUDA path reads a value back to the host, so a layer or the whole
 model can be captured in a CUDA graph (`molm_kernels.bench.capture`; benchmarks/model_bench.py captures
 the model).
 """
@@ -14,6 +15,7 @@ import torch
 
 import torch.nn.functional as F
 
+from molm_kernels.grad_accumulation import accumulate_weight_grads
 from molm_kernels.scattered_experts_reference import (
     ACTIVATIONS,
     Routing,
@@ -23,8 +25,8 @@ from molm_kernels.scattered_experts_reference import (
 )
 from molm_kernels.stickbreaking_reference import stickbreaking_attention_reference
 
-__all__ = ["ACTIVATIONS", "Routing", "route", "parallel_linear", "scattered_mlp", "stickbreaking_attention",
-           "linear_padded_out", "parallel_linear_reference", "scattered_mlp_reference",
+__all__ = ["ACTIVATIONS", "Routing", "accumulate_weight_grads", "route", "parallel_linear", "scattered_mlp",
+           "stickbreaking_attention", "linear_padded_out", "parallel_linear_reference", "scattered_mlp_reference",
            "stickbreaking_attention_reference"]
 
 

@@ -260,6 +260,49 @@ def check_expert_forms(N_tokens=4096, E=64, K=16, d=1024, ffd=64, dtype=torch.bf
     return ok
 
 
+def check_expert_accumulate(N_tokens=4096, E=32, K=2, d=1024, ffd=2048, dtype=torch.bfloat16):
+    """The expert weight gradients added into fp32 buffers by the gradient kernel
+    (`accumulate_weight_grads`, the trainer's fused accumulation) at molm-350m-4b's SMoE and MoA
+    shapes, bf16: each buffer's change against the fp32 reference gradient, and against the bf16
+    gradient the kernel returns outside the context; every buffer holds earlier gradients."""
+    import molm_kernels
+    from molm_kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton
+
+    dev = "cuda"
+    probs = torch.softmax(torch.randn(N_tokens, E, device=dev), -1)
+    gates_top, idx = probs.topk(K, -1)
+    routing = molm_kernels.route(idx, E)
+    x = torch.randn(N_tokens, d, device=dev, dtype=dtype)
+    gates = gates_top.to(dtype)
+    w1 = ((torch.rand(E, d, ffd, device=dev) * 2 - 1) / d).to(dtype).requires_grad_()
+    w2 = ((torch.rand(E, ffd, d, device=dev) * 2 - 1) / ffd).to(dtype).requires_grad_()
+    wq = ((torch.rand(E // 2, d, d, device=dev) * 2 - 1) / d).to(dtype).requires_grad_()
+    weights = (w1, w2, wq)
+    dy = torch.randn(N_tokens, d, device=dev, dtype=dtype)
+
+    def loss(fn_mlp, fn_linear, ws, xx):
+        q_routing = molm_kernels.route(idx % (E // 2), E // 2)
+        y = fn_mlp(xx, ws[0], ws[1], K, routing, gates) + fn_linear(xx, ws[2], K, q_routing, gates_TK=gates)
+        return (y.float() * dy.float()).sum()
+
+    ref_in = [w.detach().float().requires_grad_() for w in weights]
+    g_ref = torch.autograd.grad(loss(molm_kernels.scattered_mlp_reference, molm_kernels.parallel_linear_reference,
+                                     ref_in, x.float()), ref_in)
+    g_bf16 = torch.autograd.grad(loss(scattered_mlp_triton, parallel_linear_triton, weights, x), weights)
+    before = [torch.randn(w.shape, device=dev) for w in weights]
+    buffers = [b.clone() for b in before]
+    with molm_kernels.accumulate_weight_grads(list(zip(weights, buffers))) as added:
+        returned = torch.autograd.grad(loss(scattered_mlp_triton, parallel_linear_triton, weights, x), weights,
+                                       allow_unused=True)
+    deltas = [b - b0 for b, b0 in zip(buffers, before)]
+    errs = [rel(dlt, r) for dlt, r in zip(deltas, g_ref)]
+    errs_bf16 = [rel(g, r) for g, r in zip(g_bf16, g_ref)]
+    ok = added == {0, 1, 2} and all(g is None for g in returned) and all(e < 1e-2 for e in errs)
+    RESULTS["check/expert_accumulate"] = {"errors(dw1,dw2,dwq) accumulated": errs, "returned bf16": errs_bf16, "ok": ok}
+    log(f"check expert accumulate: accumulated {errs}, returned bf16 {errs_bf16} -> {'OK' if ok else 'FAIL'}")
+    return ok
+
+
 SB_CHECKS = {
     "d128_T1024": dict(B=2, H=4, G=4, T=1024, S=1024, D=128),
     "d128_T1024_untruncated": dict(B=2, H=4, G=4, T=1024, S=1024, D=128, truncate=math.inf),
@@ -290,6 +333,7 @@ CHECKS: dict[str, Callable[[bool], bool | None]] = {
     "sb_reproducible": lambda deterministic_ok: check_sb_reproducible() if deterministic_ok else None,
     "experts": lambda deterministic_ok: check_experts(),
     "expert_forms": lambda deterministic_ok: check_expert_forms(),
+    "expert_accumulate": lambda deterministic_ok: check_expert_accumulate(),
 }
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from molm_kernels._triton_common import INTERPRET, dot_precision
+from molm_kernels.grad_accumulation import gradient_buffer
 from molm_kernels.scattered_experts_reference import Routing, scattered_mlp_reference
 
 
@@ -200,15 +201,16 @@ def _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm,
     return tl.dot(xt, dy, acc, input_precision=DOT_PREC)
 
 
-@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER", "HAS_SCALE"],
-                 prune_configs_by={"early_config_prune": _prune_fp32})
+# restore_value: autotuning runs the kernel once per config, and an accumulating run adds to DW.
+@triton.autotune(configs=_xty_configs(), key=["I", "O", "X_GATHER", "DY_GATHER", "HAS_SCALE", "ACCUMULATE"],
+                 prune_configs_by={"early_config_prune": _prune_fp32}, restore_value=["DW"])
 @triton.jit
 def _expert_xty_kernel(
     X, DY, DW, SCALE, SORTED_FLAT, OFFSETS,
     stride_xm, stride_xk, stride_dm, stride_dn, stride_we, stride_wi, stride_wo,
     I, O, x_div, dy_div,
-    X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -222,8 +224,11 @@ def _expert_xty_kernel(
         acc = _xty_step(acc, n, end, X, DY, SCALE, SORTED_FLAT, offs_i, offs_o, stride_xm, stride_xk,
                         stride_dm, stride_dn, I, O, x_div, dy_div, X_GATHER, DY_GATHER, HAS_SCALE,
                         DOT_PREC, BLOCK_K)
-    tl.store(DW + e.to(tl.int64) * stride_we + offs_i[:, None] * stride_wi + offs_o[None, :] * stride_wo,
-             acc.to(DW.dtype.element_ty), mask=(offs_i[:, None] < I) & (offs_o[None, :] < O))
+    dw_off = e.to(tl.int64) * stride_we + offs_i[:, None] * stride_wi + offs_o[None, :] * stride_wo
+    dw_ok = (offs_i[:, None] < I) & (offs_o[None, :] < O)
+    if ACCUMULATE:  # DW is an fp32 gradient buffer: add to it (grad_accumulation.py)
+        acc += tl.load(DW + dw_off, mask=dw_ok, other=0.0)
+    tl.store(DW + dw_off, acc.to(DW.dtype.element_ty), mask=dw_ok)
 
 
 @triton.jit
@@ -360,11 +365,18 @@ def _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter
 
 
 def expert_xty(x: torch.Tensor, dy: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
-               x_div: int | None, dy_div: int | None, scale_N: torch.Tensor | None = None) -> torch.Tensor:
+               x_div: int | None, dy_div: int | None, scale_N: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """dW [E, I, O]: dW[e] = sum over expert e's sorted assignments n of
-    X[x_row(n)]^T (scale_n * DY[dy_row(n)]), rows gathered like `scatter_mm`'s in_row."""
+    X[x_row(n)]^T (scale_n * DY[dy_row(n)]), rows gathered like `scatter_mm`'s in_row. With `out`
+    (fp32 [E, I, O], any strides) dW is added to it in fp32 and `out` returned."""
     E, I, O = expert_offsets_E.numel(), x.shape[1], dy.shape[1]
-    dw = torch.empty(E, I, O, dtype=x.dtype, device=x.device)
+    if out is None:
+        dw = torch.empty(E, I, O, dtype=x.dtype, device=x.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (E, I, O):
+        raise ValueError(f"out must be fp32 of shape {(E, I, O)}, got {out.dtype} {tuple(out.shape)}")
+    else:
+        dw = out
     if E == 0:
         return dw
     scale = scale_N if scale_N is not None else x
@@ -374,7 +386,7 @@ def expert_xty(x: torch.Tensor, dy: torch.Tensor, sorted_flat_N: torch.Tensor, e
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
         I, O, x_div or 1, dy_div or 1,
         X_GATHER=x_div is not None, DY_GATHER=dy_div is not None, HAS_SCALE=scale_N is not None,
-        DOT_PREC=dot_precision(x.dtype),
+        ACCUMULATE=out is not None, DOT_PREC=dot_precision(x.dtype),
     )
     return dw
 
@@ -410,6 +422,28 @@ def _expert_xty_op(x: torch.Tensor, dy: torch.Tensor, sorted_flat: torch.Tensor,
 @_expert_xty_op.register_fake
 def _(x, dy, sorted_flat, offsets, x_div, dy_div, scale):
     return x.new_empty(offsets.numel(), x.shape[1], dy.shape[1])
+
+
+@torch.library.custom_op("molm_kernels::expert_xty_accumulate", mutates_args=("out",))
+def _expert_xty_accumulate_op(x: torch.Tensor, dy: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                              x_div: int, dy_div: int, scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    expert_xty(x, dy, sorted_flat, offsets, x_div or None, dy_div or None, scale, out)
+
+
+@_expert_xty_accumulate_op.register_fake
+def _(x, dy, sorted_flat, offsets, x_div, dy_div, scale, out):
+    return None
+
+
+def weight_grad(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                x_div: int, dy_div: int, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """An expert weight's gradient (`expert_xty`), or None once added to the weight's fp32 buffer
+    (inside `grad_accumulation.accumulate_weight_grads`)."""
+    buffer = gradient_buffer(w)
+    if buffer is None:
+        return _expert_xty_op(x, dy, sorted_flat, offsets, x_div, dy_div, scale)
+    _expert_xty_accumulate_op(x, dy, sorted_flat, offsets, x_div, dy_div, scale, buffer)
+    return None
 
 
 @torch.library.custom_op("molm_kernels::scatter_mm_gelu", mutates_args=())
@@ -472,7 +506,7 @@ class _ParallelLinear(torch.autograd.Function):
             if ctx.in_div > 1:
                 dx = dx.view(ctx.x_rows, ctx.in_div, -1).sum(1)  # a token's k choices read one row
         if ctx.needs_input_grad[1]:
-            dw = _expert_xty_op(x, dy, sorted_flat, offsets, ctx.in_div, dz_div, scale)
+            dw = weight_grad(w_EIO, x, dy, sorted_flat, offsets, ctx.in_div, dz_div, scale)
         return dx, dw, None, None, None, None, None, dgates
 
 
@@ -523,9 +557,9 @@ class _ScatteredGeluMLP(torch.autograd.Function):
         dz = _scatter_mm_gelu_grad_op(dy, w2_EFO, sorted_flat, offsets, K, g_sorted, z)
         dx = dw1 = dw2 = db1 = db2 = None
         if ctx.needs_input_grad[2]:
-            dw2 = _expert_xty_op(gh, dy, sorted_flat, offsets, 0, K, None)  # sum_n (g_n h_n)^T dy_t
+            dw2 = weight_grad(w2_EFO, gh, dy, sorted_flat, offsets, 0, K, None)  # sum_n (g_n h_n)^T dy_t
         if ctx.needs_input_grad[1]:
-            dw1 = _expert_xty_op(x, dz, sorted_flat, offsets, ctx.k, 0, None)
+            dw1 = weight_grad(w1_EIF, x, dz, sorted_flat, offsets, ctx.k, 0, None)
         if ctx.needs_input_grad[3]:
             db1 = expert_row_sum(dz, sorted_flat, offsets, None)  # sum_n dz_n
         if ctx.needs_input_grad[4]:

@@ -234,6 +234,7 @@ class MoA(nn.Module):
         super().__init__()
         gate = config_router(cfg, num_experts, cfg.n_new_att_experts, cfg.k_att)
         self.q_proj = MoE(gate, cfg.n_embd, cfg.att_hidden, cfg.n_embd, activation=None)
+        self.kv_is_identity = cfg.kv_is_identity
         if cfg.kv_is_identity:
             # Published MoLM (one 1024-wide head): keys and values are the normed hidden states.
             self.k_proj, self.v_proj = nn.Identity(), nn.Identity()
@@ -263,9 +264,13 @@ class MoA(nn.Module):
         v_BTHD = self.v_proj(x_BTD).view(B, T, nh, hs)
         if memory is not None:
             k_BTHD = torch.cat([memory[0], k_BTHD], dim=1)  # (B, S, nh, hs)
-            v_BTHD = torch.cat([memory[1], v_BTHD], dim=1)
+            # Identity keys and values are one tensor, and so is their memory (new_memory below):
+            # one concatenation where the memory holds them once.
+            shared = self.kv_is_identity and memory[0] is memory[1]
+            v_BTHD = k_BTHD if shared else torch.cat([memory[1], v_BTHD], dim=1)
         start = max(0, k_BTHD.shape[1] - memory_length)
-        new_memory = (k_BTHD[:, start:].detach(), v_BTHD[:, start:].detach())
+        k_memory = k_BTHD[:, start:].detach()
+        new_memory = (k_memory, k_memory if self.kv_is_identity else v_BTHD[:, start:].detach())
 
         # Query heads ordered (h, r) so that query head h*K + r reads kv head h: grouped-query
         # layout, the K chosen experts share one K/V without copies.

@@ -45,14 +45,18 @@ class StreamMemory:
         self.kv = memory
 
     def state_dict(self) -> dict:
-        """CPU copies (a checkpoint must not depend on the device it was written from)."""
+        """CPU copies (a checkpoint must not depend on the device it was written from); values that
+        are the keys' own tensor (MoLM's identity keys and values) are stored once, as None."""
         if self.kv is None:
             return {"kv": None, "valid": None}
-        return {"kv": [(k.cpu(), v.cpu()) for k, v in self.kv], "valid": self.valid_BM.cpu()}
+        return {"kv": [(k.cpu(), None if v is k else v.cpu()) for k, v in self.kv], "valid": self.valid_BM.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["kv"] is None:
             self.reset()
             return
-        self.kv = [(k.to(self.device), v.to(self.device)) for k, v in state["kv"]]
+        self.kv = []
+        for k, v in state["kv"]:
+            k = k.to(self.device)
+            self.kv.append((k, k if v is None else v.to(self.device)))
         self.valid_BM = state["valid"].to(self.device)

@@ -16,6 +16,10 @@ are DeepSpeed's: each bf16 gradient added in fp32. Everything else stays DeepSpe
 data-parallel reduction at the accumulation boundary, the norm, clipping, AdamW on the fp32 master
 weights, the copy back to bf16, the checkpointed state.
 
+The expert tensors (nearly all the parameters) do better still: their gradient kernel adds its
+fp32 result into the buffer itself (molm_kernels' `accumulate_weight_grads`, Megatron-LM's gradient
+accumulation fusion), so their gradients are never written in bf16 at all.
+
 CUDA graphs. Eager, a micro-batch of molm-350m-4b is thousands of kernel launches made from Python
 and the GPU waits for the host between them. Nothing on the path reads a value back to the host
 (molm_kernels' routing offsets come from searchsorted, expert counts are a scatter-add), so the
@@ -23,7 +27,8 @@ whole micro-batch (forward, losses, backward, fp32 accumulation) is captured onc
 with each new micro-batch copied into the graph's static inputs. The capture runs over aliases of
 the parameters (same storage, fresh autograd leaves, the parameters' tensor hooks copied): an
 autograd node made outside the capture stream never enters it. One graph per (logging step or
-not, memory length), all in one memory pool; a window without memory (a run's first) runs eagerly.
+not, memory length), all in one memory pool. The first micro-batch of each runs eagerly, and so
+does a window without memory (a run's first).
 
 Legend: B rows, T window tokens, M memory tokens, S = M + T keys.
 """
@@ -35,9 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Eager runs before a capture: the first compiles and autotunes the Triton kernels and sizes the
-# cuBLAS workspaces, the second runs as the captured one will (nothing may compile during capture).
-WARMUP_RUNS = 2
+import molm_kernels
+
+# Runs on the capture's stream before it (after the eager micro-batch that compiled everything):
+# the stream's cuBLAS workspace and allocator state are set up outside the capture.
+WARMUP_RUNS = 1
 
 
 def bf16_optimizer_of(engine) -> bool:
@@ -71,14 +78,19 @@ class FusedMicrobatch:
         """The model's output for the micro-batch, its gradients of
         `(lm_loss_sum * scale + aux_loss) / grad_accum_steps` added to the fp32 buffers. Logging
         steps (`collect`) compute every aux loss and the expert counts."""
+        graph = None
         if self.cuda_graph and memory is not None:
-            key = (collect, memory[0][0].shape[1])
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(input_ids, labels, mask_BS, memory, collect)
-            out, present = self.graphs[key].replay(input_ids, labels, mask_BS, memory, scale)
+            graph = self.graphs.get((collect, memory[0][0].shape[1]))
+        if graph is not None:
+            out, present = graph.replay(input_ids, labels, mask_BS, memory, scale)
         else:
             out, present = self._forward_backward(self.model, self.params, self.hp_grads, input_ids, labels, mask_BS,
                                                   memory, scale, collect)
+            if self.cuda_graph and memory is not None:
+                # This eager run compiled and autotuned every kernel the capture records, the
+                # accumulating ones included, on real buffers; the next micro-batch replays.
+                self.graphs[(collect, memory[0][0].shape[1])] = self._capture(input_ids, labels, mask_BS, memory,
+                                                                              collect)
         flags = self.optimizer.fp32_groups_has_gradients
         for (i, j), has in zip(self.slots, present):
             if has:
@@ -92,8 +104,11 @@ class FusedMicrobatch:
         out = model(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
                     collect_expert_stats=collect, all_aux_losses=collect)
         loss = (out.lm_loss_sum * scale + out.aux_loss) * self.inv_accum
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        present = [g is not None for g in grads]
+        # The expert weights' gradient kernels add into their fp32 buffers themselves (and return
+        # no gradient); the other gradients come back in bf16 and are added here.
+        with molm_kernels.accumulate_weight_grads([] if targets is None else list(zip(params, targets))) as added:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        present = [g is not None or i in added for i, g in enumerate(grads)]
         if targets is not None:
             pairs = [(t, g) for t, g in zip(targets, grads) if g is not None]
             torch._foreach_add_([t for t, _ in pairs], [g for _, g in pairs])  # fp32 += bf16, one kernel per tensor
@@ -115,7 +130,7 @@ class FusedMicrobatch:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
-                run(None)  # nothing accumulated
+                run(None)  # nothing accumulated: this micro-batch is in the buffers already
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.set_rng_state(rng, device)
         graph = torch.cuda.CUDAGraph()
@@ -155,8 +170,11 @@ class StaticInputs:
 
     @classmethod
     def like(cls, input_ids, labels, mask_BS, memory) -> StaticInputs:
-        return cls(input_ids.clone(), labels.clone(), None if mask_BS is None else mask_BS.clone(),
-                   [(k.clone(), v.clone()) for k, v in memory],
+        static_memory = []
+        for k, v in memory:
+            k_static = k.clone()  # one buffer where keys and values are one tensor (MoLM's identity K/V)
+            static_memory.append((k_static, k_static if v is k else v.clone()))
+        return cls(input_ids.clone(), labels.clone(), None if mask_BS is None else mask_BS.clone(), static_memory,
                    torch.zeros((), dtype=torch.float32, device=input_ids.device))
 
     def fill(self, input_ids, labels, mask_BS, memory, scale: float) -> None:
@@ -168,7 +186,8 @@ class StaticInputs:
             self.mask_BS.copy_(mask_BS, non_blocking=True)
         for (k, v), (k_new, v_new) in zip(self.memory, memory):
             k.copy_(k_new, non_blocking=True)
-            v.copy_(v_new, non_blocking=True)
+            if v is not k:
+                v.copy_(v_new, non_blocking=True)
         self.scale.fill_(scale)
 
 

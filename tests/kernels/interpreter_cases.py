@@ -20,6 +20,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
+from molm_kernels.grad_accumulation import accumulate_weight_grads  # noqa: E402
 from molm_kernels.scattered_experts import parallel_linear_triton, scattered_mlp_triton  # noqa: E402
 from molm_kernels.scattered_experts_reference import parallel_linear_reference, route, scattered_mlp_reference  # noqa: E402
 from molm_kernels.stickbreaking import Plan, sb_backward, sb_forward, stickbreaking_attention_triton  # noqa: E402
@@ -170,6 +171,39 @@ def mlp_case(T, K, E, I, F, O, activation="gelu_new", k_in=None, grad=True, bias
     return [rel(a, b) for a, b in zip((y, *grads), (y_ref, *grads_ref))]
 
 
+def accumulated_weight_grads():
+    """Inside accumulate_weight_grads the expert weights' gradients (a MoA-style projection and both
+    MLP weights) are added to fp32 buffers holding earlier gradients, and none is returned; the
+    input and gate gradients are returned as usual. Errors: buffers after minus before against the
+    float64 reference gradients, then x and gates."""
+    T, K, E, I, F, O = 29, 2, 4, 24, 40, 20
+    routing = route(torch.randint(0, E - 1, (T, K)), E)
+    x = torch.randn(T, I, requires_grad=True)
+    gates = torch.rand(T, K, requires_grad=True)
+    wq = (torch.randn(E, I, F) / math.sqrt(I)).requires_grad_()
+    w1 = (torch.randn(E, I, F) * 2 / math.sqrt(I)).requires_grad_()
+    w2 = (torch.randn(E, F, O) / math.sqrt(F)).requires_grad_()
+    before = [torch.randn(w.shape) for w in (wq, w1, w2)]
+    buffers = [b.clone() for b in before]
+
+    def forward(fn_linear, fn_mlp, ts):
+        x_, g_, wq_, w1_, w2_ = ts
+        return fn_linear(x_, wq_, K, routing).sum(0) @ torch.ones(F, O, dtype=x_.dtype) + \
+            fn_mlp(x_, w1_, w2_, K, routing, g_).sum(0)
+
+    with poisoned_allocations():
+        with accumulate_weight_grads(list(zip((wq, w1, w2), buffers))) as accumulated:
+            y = forward(parallel_linear_triton, scattered_mlp_triton, (x, gates, wq, w1, w2))
+            dy = torch.randn(y.shape)
+            grads = torch.autograd.grad(y, (x, gates, wq, w1, w2), dy, allow_unused=True)
+    assert accumulated == {0, 1, 2} and all(g is None for g in grads[2:]), (accumulated, grads[2:])
+    ref_in = [t.detach().double().requires_grad_() for t in (x, gates, wq, w1, w2)]
+    y_ref = forward(parallel_linear_reference, scattered_mlp_reference, ref_in)
+    ref = torch.autograd.grad(y_ref, ref_in, dy.double())
+    return [rel(b - b0, r) for b, b0, r in zip(buffers, before, ref[2:])] + [rel(grads[0], ref[0]),
+                                                                              rel(grads[1], ref[1])]
+
+
 CASES = {
     "sb_causal": lambda: sb_case(1, 2, 1, 40, 40, 16),
     "sb_memory_gqa_keymask": lambda: sb_case(2, 4, 2, 37, 70, 32, mask=True),
@@ -192,6 +226,7 @@ CASES = {
     "mlp_gelu_exact_biases_unfused": lambda: mlp_case(19, 2, 3, 24, 36, 20, activation="gelu", bias=True),
     "mlp_swiglu_k2": lambda: mlp_case(23, 2, 4, 24, 40, 20, activation="silu", glu=True),
     "mlp_gelu_fused_biases_strided_weights": lambda: mlp_case(21, 2, 3, 24, 40, 20, bias=True, strided=True),
+    "accumulated_weight_grads": accumulated_weight_grads,
 }
 
 

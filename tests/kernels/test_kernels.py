@@ -39,7 +39,7 @@ EXPERT_CASES = ["experts_gather_scatter_k2", "experts_grouped_out_k3", "experts_
                 "experts_flat_in_gated", "experts_k1", "mlp_gelu_fused_k2", "mlp_gelu_fused_k3_expert_parallel_form",
                 "mlp_gelu_fused_inference", "mlp_relu_unfused_fallback", "mlp_gelu_fused_biases_k2",
                 "mlp_gelu_fused_biases_inference", "mlp_gelu_exact_biases_unfused", "mlp_swiglu_k2",
-                "mlp_gelu_fused_biases_strided_weights"]
+                "mlp_gelu_fused_biases_strided_weights", "accumulated_weight_grads"]
 
 
 @pytest.mark.parametrize("case", SB_CASES + EXPERT_CASES)
