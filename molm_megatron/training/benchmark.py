@@ -89,7 +89,9 @@ def time_breakdown(events, device_time: bool) -> dict[str, float]:
 
     The profiler lists every kernel twice: as a device event of its own, and among the `kernels` of
     the operation that launched it. The device events give the total, the launching operations the
-    category; kernels with no launching operation (a CUDA-graph replay's) count as "other".
+    category; kernels with no launching operation (a CUDA-graph replay's) count as "other". The
+    device timeline also holds the labelled ranges (`record_function`) spanning their kernels:
+    they are not kernels.
     """
     routing_seq = set()
     for e in events:
@@ -109,7 +111,7 @@ def time_breakdown(events, device_time: bool) -> dict[str, float]:
         launched = sum(k.duration for k in e.kernels)
         if launched:
             out[_category(e, routing_seq)] += launched / 1e3
-    total = sum(e.time_range.elapsed_us() for e in events if e.device_type != DeviceType.CPU) / 1e3
+    total = sum(e.time_range.elapsed_us() for e in events if _is_kernel(e)) / 1e3
     out["other"] += max(total - sum(out.values()), 0.0)
     return out
 
@@ -217,12 +219,17 @@ def _profile(trainer, steps: int, out: str) -> dict:
             "top_kernels": top}
 
 
+def _is_kernel(event) -> bool:
+    """A kernel, copy or memset on the device, not a labelled range drawn on the device timeline."""
+    return event.device_type != DeviceType.CPU and not event.is_user_annotation
+
+
 def top_kernels(events, steps: int, n: int = 25) -> list[tuple[str, float, float]]:
     """(kernel name, device ms per step, launches per step) of the n kernels with the most device
     time (each kernel counted once, from its device event)."""
     totals: dict[str, list[float]] = {}
     for e in events:
-        if e.device_type != DeviceType.CPU:
+        if _is_kernel(e):
             entry = totals.setdefault(e.name, [0.0, 0.0])
             entry[0] += e.time_range.elapsed_us() / 1e3 / steps
             entry[1] += 1 / steps
