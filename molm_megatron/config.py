@@ -178,6 +178,14 @@ class ModelConfig:
         emb = self.vocab_size * d if embedding else 0
         return layers + self.vocab_size * d + emb + 2 * d
 
+    def training_spec(self) -> TrainingSpec:
+        """What the trainer needs of a MoLM of this config (its `TrainingSpec`)."""
+        return TrainingSpec(block_size=self.block_size, vocab_size=self.vocab_size, vocab_source="model.vocab_size",
+                            history_length=self.history_length, config=dataclasses.asdict(self),
+                            flops_per_token=self.flops_per_token(self.block_size),
+                            new_experts={"attn": self.n_new_att_experts, "mlpf": self.n_new_mlp_experts},
+                            aux_loss_name=self.aux_loss_type, parallel_config=self)
+
     def flops_per_token(self, seq_len: int, history: int | None = None) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) of the active path.
 
@@ -190,6 +198,36 @@ class ModelConfig:
         keys = history + (seq_len + 1) / 2
         attn = self.n_layer * 2 * 2 * self.k_att * self.att_hidden * keys
         return 6.0 * dense + 3.0 * attn
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What the trainer (and the expert statistics) ask of a model beyond its forward pass: MoLM's
+    from its ModelConfig, a Hugging Face dense or EMoE model's from its adapter
+    (molm_megatron.emoe.training.EMoECausalLM), so that one trainer drives both."""
+
+    block_size: int
+    """Tokens per training window."""
+    vocab_size: int
+    """Ids the model embeds: the data's vocabulary must fit."""
+    vocab_source: str
+    """Where vocab_size comes from, for error messages (a config field or file)."""
+    history_length: int
+    """Tokens of Transformer-XL memory; 0: the model keeps none (`out.memory` is None)."""
+    config: dict
+    """The trained model's configuration as saved in every checkpoint's meta.json; a resumed run must
+    build the same, and the converters rebuild the model from it."""
+    flops_per_token: float
+    """Training FLOPs per token at block_size (MFU)."""
+    new_experts: dict = dataclasses.field(default_factory=dict)
+    """Router kind ('attn', 'mlpf') -> inserted experts (the last ones), for their load share."""
+    aux_loss_name: str = ""
+    """The load-balancing loss named on the log line ('' for none)."""
+    parallel_config: ModelConfig | None = None
+    """The MoLM config that the tensor- and expert-parallel plans split; None for a model that trains
+    data-parallel only (ZeRO 1-3)."""
+    zero3_leaf_modules: tuple = ()
+    """Module classes ZeRO-3 must gather whole: they read their children's weights without calling them."""
 
 
 def _tiny() -> ModelConfig:
@@ -407,7 +445,10 @@ class FinetuneConfig:
     one step_* folder, any parallel layout), a Hugging Face folder in the published MoLM format (the
     published weights), or a model file (python -m molm_megatron.modular prune|drop-layers,
     python -m molm_megatron.hf.convert consolidate); preset:NAME starts from a preset's random
-    initialisation (benchmarks). A run whose checkpoint.dir holds a checkpoint resumes from that."""
+    initialisation (benchmarks). Also a Hugging Face GPT-2, GPT-NeoX or Llama folder, dense or EMoE
+    (python -m molm_megatron.emoe convert), or a checkpoint of one: trained without Transformer-XL
+    memory, data-parallel only (ZeRO 1-3), in windows of --model.block_size tokens (default: the
+    model's context length). A run whose checkpoint.dir holds a checkpoint resumes from that."""
     insert_mlp_experts: int = 0
     """Continual learning: new MLP experts appended to every layer (the router's W_e gains as many
     rows); with expert parallelism a multiple of parallel.expert_parallel_size."""
@@ -422,6 +463,17 @@ class FinetuneConfig:
     tokenizer: str = ""
     """An extended tokenizer folder (python -m tokenizer extend): the embedding and head grow to its
     vocabulary, the new rows initialised as published; with trainable new only the new rows train."""
+    lora_rank: int = 0
+    """LoRA (peft) of this rank on a Hugging Face dense or EMoE model, every other tensor frozen (no
+    gradient, no optimizer state, bitwise unchanged); exports merge the adapters. 0: no LoRA."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_targets: list[str] = dataclasses.field(default_factory=list)
+    """Module-name suffixes that get adapters; empty: the attention projections (gpt2: attn.c_attn,
+    attn.c_proj; gpt_neox: attention.query_key_value, attention.dense; llama: self_attn.q/k/v/o_proj).
+    Never modules inside an EMoE FFN (its sparse computation reads the weights directly)."""
 
 
 ZERO_STAGES = (1, 2, 3)
@@ -566,7 +618,8 @@ class FinetuneMetricsConfig(MetricsConfig):
 @dataclass
 class FinetuneJobConfig(JobConfig):
     """Fine-tune a ModuleFormer (MoLM) model with DeepSpeed: load concentration, continual learning by
-    inserted experts, or plain full fine-tuning, from a pretraining checkpoint or a Hugging Face folder.
+    inserted experts, or plain full fine-tuning, from a pretraining checkpoint or a Hugging Face folder;
+    or a dense or EMoE GPT-2 / GPT-NeoX / Llama model, fully or with LoRA.
 
     The pretraining tree (one engine, one checkpoint format) plus the `finetune` section.
     """
@@ -604,6 +657,18 @@ class FinetuneJobConfig(JobConfig):
         if f.train_embedding and f.trainable != "new":
             raise ValueError("finetune.train_embedding applies to finetune.trainable 'new' (with 'all' every "
                              "tensor trains already)")
+        if f.lora_rank < 0:
+            raise ValueError(f"finetune.lora_rank must be >= 0 (0: no LoRA), got {f.lora_rank}")
+        if f.lora_rank and not f.lora_alpha > 0:
+            raise ValueError(f"finetune.lora_alpha must be positive, got {f.lora_alpha}")
+        if not 0 <= f.lora_dropout < 1:
+            raise ValueError(f"finetune.lora_dropout must be in [0, 1), got {f.lora_dropout}")
+        if f.lora_targets and not f.lora_rank:
+            raise ValueError(f"finetune.lora_targets ({f.lora_targets}) needs finetune.lora_rank > 0")
+        if f.lora_rank and (f.trainable != "all" or f.insert_mlp_experts or f.insert_att_experts or f.tokenizer):
+            raise ValueError(f"finetune.lora_rank ({f.lora_rank}) trains adapters of a Hugging Face dense or EMoE "
+                             "model; it does not combine with finetune.trainable 'new', inserted experts or "
+                             "finetune.tokenizer")
         ep = self.parallel.expert_parallel_size
         if f.insert_mlp_experts % ep:
             raise ValueError(f"finetune.insert_mlp_experts ({f.insert_mlp_experts}) must be a multiple of "

@@ -148,20 +148,29 @@ def _check_prefixes(prefixes: list[str]) -> tuple[int, int]:
     return seen[0], seen[1]
 
 
+def job_data_ids(job) -> tuple[str, int, int] | None:
+    """(first prefix, vocab_size, eod_id) of a job's training data, from data_prep's `<prefix>.json`;
+    None when the job names no data (build_stream_data names the problem)."""
+    prefixes = load_data_spec(job.data.spec).prefixes if job.data.spec else list(job.data.prefixes)
+    if not prefixes:
+        return None
+    return (prefixes[0], *_check_prefixes(prefixes))
+
+
 def adopt_data_eod(job) -> None:
     """Make the model's bos/eos (`job.model`) the end-of-document id of its training data, read from
     the prefixes' `<prefix>.json` (data_prep): the id the model sees between documents, so the one
     its exports begin and stop generation with. A preset's own value gives way (the tiny preset's
     511 is an ordinary token of CodeGen data); one set explicitly that differs is an error."""
-    prefixes = load_data_spec(job.data.spec).prefixes if job.data.spec else list(job.data.prefixes)
-    if not prefixes:
-        return  # build_stream_data names the problem
-    _, eod = _check_prefixes(prefixes)
+    data = job_data_ids(job)
+    if data is None:
+        return
+    prefix, _, eod = data
     overrides = job.model.overrides
     for name in ("bos_token_id", "eos_token_id"):
         if name in overrides and overrides[name] != eod:
             raise ValueError(f"model.{name} ({overrides[name]}) differs from the end-of-document id of the data "
-                             f"({eod}, from {prefixes[0]}.json); leave it unset or set it to {eod}")
+                             f"({eod}, from {prefix}.json); leave it unset or set it to {eod}")
         overrides[name] = eod
 
 

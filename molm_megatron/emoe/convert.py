@@ -147,11 +147,11 @@ def convert(
     return out_dir
 
 
-def export_dense(model: PreTrainedModel, out_dir: str | Path) -> Path:
-    """Save an EMoE model (e.g. fine-tuned) as a plain dense folder: the same weights, config
-    without the emoe entry; plain transformers loads it as the dense architecture."""
+def dense_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """An EMoE model (e.g. fine-tuned) as the plain dense model: the same weights, the config
+    without the emoe entry. A dense model is returned as it is."""
     if emoe_settings(model.config) is None:
-        raise ValueError("export_dense needs an EMoE model (its config has no emoe entry)")
+        return model
     config = copy.deepcopy(model.config)
     del config.emoe
     # Built in the model's dtype: a default-dtype (fp32) copy would round fp64/bf16 weights.
@@ -161,4 +161,12 @@ def export_dense(model: PreTrainedModel, out_dir: str | Path) -> Path:
     tied = set(getattr(dense, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
         raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return _write_folder(Path(out_dir), dense.save_pretrained)
+    return dense
+
+
+def export_dense(model: PreTrainedModel, out_dir: str | Path) -> Path:
+    """Save an EMoE model (e.g. fine-tuned) as a plain dense folder (`dense_copy`) that plain
+    transformers loads as the dense architecture."""
+    if emoe_settings(model.config) is None:
+        raise ValueError("export_dense needs an EMoE model (its config has no emoe entry)")
+    return _write_folder(Path(out_dir), dense_copy(model).save_pretrained)

@@ -173,9 +173,9 @@ def perplexity_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, 
         ids = [tok(doc, add_special_tokens=False).input_ids for doc in documents]
         r = segment_perplexity(model.molm, documents, ids, tok.eos_token_id, args.batch_size,
                                args.segment_length, args.memory_length, counter)
-        cfg = model.molm.config
-        seg = cfg.block_size if args.segment_length is None else args.segment_length
-        mem = cfg.history_length if args.memory_length is None else args.memory_length
+        spec = model.molm.training_spec()
+        seg = spec.block_size if args.segment_length is None else args.segment_length
+        mem = spec.history_length if args.memory_length is None else args.memory_length
         r["protocol"] = (f"Transformer-XL segments of {seg} tokens with {mem} memory tokens, one stream cut into "
                          f"up to {args.batch_size} rows (pretrain.py's validation)")
         results["segments"] = r

@@ -20,11 +20,15 @@ from pathlib import Path
 
 import torch
 
+from molm_megatron.emoe.training import EMoECausalLM
 from molm_megatron.model import MoLM
 
 
-def router_modules(model: MoLM) -> dict[str, torch.nn.Module]:
-    """'layer{N}.attn' / 'layer{N}.mlpf' -> that router (the names of `out.expert_stats`)."""
+def router_modules(model: MoLM | EMoECausalLM) -> dict[str, torch.nn.Module]:
+    """'layer{N}.attn' / 'layer{N}.mlpf' -> that router (the names of `out.expert_stats`); an EMoE
+    model's are its EMoE layers' gates (none in a dense model)."""
+    if isinstance(model, EMoECausalLM):
+        return {f"layer{i}.mlpf": layer.router for i, layer in model.emoe_layers().items()}
     routers = {}
     for i, block in enumerate(model.transformer.h):
         routers[f"layer{i}.attn"] = block.attn.q_proj.gate
@@ -35,7 +39,7 @@ def router_modules(model: MoLM) -> dict[str, torch.nn.Module]:
 class ExpertCounter:
     """Accumulates per-expert token counts of `model`'s routers over the forwards run inside `capture()`."""
 
-    def __init__(self, model: MoLM):
+    def __init__(self, model: MoLM | EMoECausalLM):
         self.tokens = 0
         self.counts: dict[str, torch.Tensor] = {}
         self._captured: dict[str, list[torch.Tensor]] = {}

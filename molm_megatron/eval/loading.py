@@ -4,7 +4,9 @@ checkpoint, consolidated on the fly) and its tokenizer.
 The weights are held once and seen through two interfaces that share every module:
 `EvalModel.molm` (our MoLM: Transformer-XL memory, expert statistics) and `EvalModel.hf` (the
 Hugging Face model that lm-evaluation-harness and `generate()` expect). Neither is a copy, so a
-4B-parameter model costs its weights once.
+4B-parameter model costs its weights once. A dense or EMoE GPT-2 / GPT-NeoX / Llama folder (or a
+checkpoint of one fine-tuned by finetune.py) is seen through its trainer-facing module instead of
+a MoLM (molm_megatron.emoe.training.EMoECausalLM: the same forward, no memory, EMoE expert counts).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from molm_megatron.hf import ModuleFormerConfig, ModuleFormerForCausalLM
 from molm_megatron.hf.convert import DTYPES, consolidate_checkpoint
+from molm_megatron.emoe.training import EMoECausalLM, load_for_training
 from molm_megatron.model import MoLM
+from molm_megatron.modular.weights import hf_lm_config
 from tokenizer.codegen import EOS_TOKEN, codegen_tokenizer
 from tokenizer.loading import CODEGEN
 
@@ -26,8 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @dataclass
 class EvalModel:
-    molm: MoLM
-    hf: ModuleFormerForCausalLM  # shares molm's modules
+    molm: MoLM | EMoECausalLM
+    hf: PreTrainedModel  # shares molm's modules
     tokenizer: PreTrainedTokenizerBase
     source: str  # "hf:<folder>" or "checkpoint:<folder>", recorded in every summary
 
@@ -77,9 +81,10 @@ def load_eval_model(path: str | Path, tokenizer: str = "auto", device: str = "au
                     dtype: str = "auto") -> EvalModel:
     """The model at `path` ready for evaluation (eval mode, on `device`, cast to `dtype`).
 
-    path: a Hugging Face folder (config.json + safetensors, ours or a published MoLM) or a training
-    checkpoint (pretrain.py's `checkpoint.dir`, its newest complete checkpoint, or one step_*
-    folder; any TP/EP layout, consolidated here). device: auto | cpu | cuda[:N]. dtype: auto
+    path: a Hugging Face folder (config.json + safetensors, ours or a published MoLM, or a dense or
+    EMoE GPT-2 / GPT-NeoX / Llama) or a training checkpoint (pretrain.py's or finetune.py's
+    `checkpoint.dir`, its newest complete checkpoint, or one step_* folder; any TP/EP layout,
+    consolidated here). device: auto | cpu | cuda[:N]. dtype: auto
     (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16.
     """
     path = Path(path)
@@ -89,12 +94,16 @@ def load_eval_model(path: str | Path, tokenizer: str = "auto", device: str = "au
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(sorted(DTYPES))}")
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and hf_lm_config(path) is not None:
+        molm = load_for_training(path)
+        hf, source = molm.hf_model, f"hf:{path}"
+    elif (path / "config.json").is_file():
         hf = ModuleFormerForCausalLM.from_pretrained(path)
         molm, source = molm_view(hf), f"hf:{path}"
     elif path.is_dir():
         molm = consolidate_checkpoint(path)  # raises, naming the folder, when it holds no complete checkpoint
-        hf, source = hf_view(molm), f"checkpoint:{path}"
+        hf = hf_view(molm) if isinstance(molm, MoLM) else molm.merged_model()
+        source = f"checkpoint:{path}"
     else:
         raise ValueError(f"--model {path}: not a folder (expected a Hugging Face folder with config.json or a "
                          "training checkpoint folder)")

@@ -103,9 +103,9 @@ def segment_perplexity(model: MoLM, documents: list[str], documents_ids: list[li
                        counter: ExpertCounter | None = None) -> dict[str, float]:
     """The Transformer-XL protocol (module docstring); segment/memory lengths default to the
     model's block_size / history_length."""
-    cfg = model.config
-    segment_length = cfg.block_size if segment_length is None else segment_length
-    memory_length = cfg.history_length if memory_length is None else memory_length
+    spec = model.training_spec()
+    segment_length = spec.block_size if segment_length is None else segment_length
+    memory_length = spec.history_length if memory_length is None else memory_length
     device = next(model.parameters()).device
     inputs, labels, real = stream_rows(documents_ids, eos_id, batch_size, segment_length)
     inputs, labels = inputs.to(device), labels.to(device)

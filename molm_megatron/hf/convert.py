@@ -17,8 +17,13 @@ with transformers alone (`trust_remote_code=True`) or through our classes (`impo
 through molm_megatron.outputs: written beside its place and renamed, an existing export or model
 file replaced only with --overwrite, and never a folder that holds anything else.
 
+A checkpoint of a fine-tuned Hugging Face dense or EMoE model (finetune.py from a GPT-2, GPT-NeoX
+or Llama folder; molm_megatron.emoe) records the model's own config; `to-hf` writes it as that
+model's folder, LoRA merged: the EMoE folder, or with `--dense` the plain dense one.
+
     python -m molm_megatron.hf.convert to-hf --checkpoint runs/x/checkpoints --out hf_dir [--dtype bfloat16]
     python -m molm_megatron.hf.convert to-hf --model-file model.pt --tokenizer codegen --out hf_dir
+    python -m molm_megatron.hf.convert to-hf --checkpoint runs/emoe/checkpoints --out dense_dir --dense
     python -m molm_megatron.hf.convert consolidate --checkpoint runs/x/checkpoints --out model.pt
     python -m molm_megatron.hf.convert from-hf --hf hf_dir --out model.pt
 """
@@ -31,7 +36,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -43,6 +48,9 @@ from molm_megatron.training.checkpoint import find_step_folder, rank_file, read_
 from molm_megatron.training.zero3 import zero3_model_shards
 from tokenizer.folder import TOKENIZER_FILES
 from tokenizer.loading import CODEGEN, copy_tokenizer_files, load_tokenizer
+
+if TYPE_CHECKING:
+    from molm_megatron.emoe.training import EMoECausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT = "Hugging Face export"
@@ -69,8 +77,10 @@ def export_hf(model: MoLM, out_dir: str | Path, dtype: torch.dtype | None = None
     `overwrite`; a folder holding anything else, or holding a `protect` path, never.
     """
     check_folder_target(out_dir, EXPORT, EXPORT_FILES, overwrite, protect)
+    cfg = model.config
     if tokenizer is not None:
-        check_tokenizer_matches(tokenizer, model.config)
+        check_tokenizer_matches(tokenizer, cfg.vocab_size, {"bos_token_id": cfg.bos_token_id,
+                                                            "eos_token_id": cfg.eos_token_id})
     hf = ModuleFormerForCausalLM.from_molm(model)
     if dtype is not None:
         hf = hf.to(dtype)
@@ -86,16 +96,44 @@ def export_hf(model: MoLM, out_dir: str | Path, dtype: torch.dtype | None = None
     return write_folder(out_dir, write, EXPORT, EXPORT_FILES, overwrite, protect)
 
 
-def check_tokenizer_matches(tokenizer: str | Path, cfg: ModelConfig) -> None:
-    """Raise ValueError unless the tokenizer's ids fit the model and its end of document is the
-    model's bos/eos (what generate() stops at)."""
+def check_tokenizer_matches(tokenizer: str | Path, vocab_size: int, end_ids: dict[str, int | list[int]]) -> None:
+    """Raise ValueError unless the tokenizer's ids fit the model's vocab_size and its end of document
+    is each of the model's `end_ids` (config field -> id, or a list holding it: what generate()
+    stops at)."""
     tok = load_tokenizer(tokenizer, "tokenizers")
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{cfg.vocab_size}")
-    if (cfg.bos_token_id, cfg.eos_token_id) != (tok.eod_id, tok.eod_id):
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}")
+    wrong = {name: ids for name, ids in end_ids.items() if tok.eod_id not in (ids if isinstance(ids, list) else [ids])}
+    if wrong:
         raise ValueError(f"tokenizer {tokenizer}: its end-of-document id is {tok.eod_id} but the model's "
-                         f"bos_token_id/eos_token_id are {cfg.bos_token_id}/{cfg.eos_token_id}")
+                         f"{'/'.join(wrong)} {'are' if len(wrong) > 1 else 'is'} "
+                         f"{'/'.join(str(v) for v in wrong.values())}")
+
+
+def export_hf_lm(model: EMoECausalLM, out_dir: str | Path, dtype: torch.dtype | None = None,
+                 tokenizer: str | Path | None = None, overwrite: bool = False, protect: Iterable[str | Path] = (),
+                 dense: bool = False) -> Path:
+    """Write a Hugging Face dense or EMoE model (molm_megatron.emoe) as its own folder, LoRA merged:
+    the EMoE folder (its `emoe` entry kept), or with `dense` the plain dense folder ("train as
+    EMoE, ship dense"); plus the tokenizer `tokenizer` (None writes none). Same output rules as
+    export_hf."""
+    from molm_megatron.emoe.convert import dense_copy
+
+    check_folder_target(out_dir, EXPORT, EXPORT_FILES, overwrite, protect)
+    hf = model.merged_model()
+    if tokenizer is not None:
+        check_tokenizer_matches(tokenizer, hf.config.vocab_size, {"eos_token_id": hf.config.eos_token_id})
+    if dense:
+        hf = dense_copy(hf)
+    if dtype is not None:
+        hf = hf.to(dtype)
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tmp)
+
+    return write_folder(out_dir, write, EXPORT, EXPORT_FILES, overwrite, protect)
 
 
 def checkpoint_tokenizer(checkpoint: str | Path) -> str:
@@ -129,14 +167,25 @@ def import_hf(hf_dir: str | Path) -> MoLM:
     return ModuleFormerForCausalLM.from_pretrained(hf_dir).to_molm()
 
 
-def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
+def model_from_saved_config(saved: dict) -> MoLM | EMoECausalLM:
+    """The model a checkpoint's meta.json describes (its "model" entry, `TrainingSpec.config`), with
+    fresh weights: a MoLM, or a Hugging Face dense/EMoE model (an "hf_config" entry)."""
+    if "hf_config" in saved:
+        from molm_megatron.emoe.training import EMoECausalLM
+
+        return EMoECausalLM.from_saved_config(saved)
+    return MoLM(ModelConfig(**saved))
+
+
+def consolidate_checkpoint(checkpoint: str | Path) -> MoLM | EMoECausalLM:
     """The full model of a training checkpoint (a `checkpoint.dir` or one of its step folders),
     whatever its layout: every shard's tensors are placed where their `shards` records say. The
     shards are the model files (ZeRO 1-2) or, for ZeRO-3, the fp32 partitions of the rank files
-    (molm_megatron.training.zero3)."""
+    (molm_megatron.training.zero3). A MoLM, or for a fine-tuned Hugging Face dense/EMoE model its
+    trainer-facing module (with its LoRA adapters, unmerged)."""
     shards = read_model_shards(checkpoint)
     folder, model_section = shards.folder, shards.model_config
-    model = MoLM(ModelConfig(**model_section))
+    model = model_from_saved_config(model_section)
     if shards.layout.get("zero_stage") == 3:
         rank_files = [folder / rank_file(r) for r in range(shards.layout["world_size"])]
         blobs = [(f"{folder} (ZeRO-3 partitions)", b)
@@ -145,12 +194,21 @@ def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
         raise ValueError(f"{folder}: no model_tp*_ep*.pt files")
     else:
         blobs = shards
-    full = {name: torch.empty_like(t) for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    # A tied tensor (GPT-2's head is its embedding) is one parameter under two names: ZeRO-3 records
+    # it once, so its other names take the first name's consolidated tensor.
+    first_name: dict[tuple, str] = {}
+    aliases = {name: first_name.setdefault((t.data_ptr(), t.shape), name) if t.numel() else name
+               for name, t in state.items()}
+    aliases = {name: first for name, first in aliases.items() if name != first}
+    full = {name: torch.empty_like(t) for name, t in state.items() if name not in aliases}
     # Each distinct piece counts once: a tensor sharded over TP only is repeated in every EP file.
     seen: dict[str, set] = {name: set() for name in full}
     covered = dict.fromkeys(full, 0)
     for path, blob in blobs:
         for name, local in blob["model"].items():
+            if name in aliases:
+                continue
             if name not in full:
                 raise ValueError(f"{path}: unexpected tensor {name!r} for model {model_section}")
             pieces = tuple((s["dim"], s["start"], s["length"]) for s in blob["shards"].get(name, []))
@@ -165,18 +223,25 @@ def consolidate_checkpoint(checkpoint: str | Path) -> MoLM:
     missing = [name for name, n in covered.items() if n != full[name].numel()]
     if missing:
         raise ValueError(f"{folder}: the shard files do not cover {missing[:5]} (layout {shards.layout})")
-    model.load_state_dict(full)
+    model.load_state_dict({**full, **{alias: full[first] for alias, first in aliases.items()}})
     return model
 
 
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                     tokenizer: str | Path | None = "auto", overwrite: bool = False) -> Path:
-    """A training checkpoint as a Hugging Face folder (see consolidate_checkpoint, export_hf), with
-    the tokenizer of its training data ("auto"), the tokenizer given, or none (None)."""
+                     tokenizer: str | Path | None = "auto", overwrite: bool = False, dense: bool = False) -> Path:
+    """A training checkpoint as a Hugging Face folder (see consolidate_checkpoint, export_hf and
+    export_hf_lm), with the tokenizer of its training data ("auto"), the tokenizer given, or none
+    (None). `dense`: an EMoE model's weights as the plain dense folder."""
     check_folder_target(out_dir, EXPORT, EXPORT_FILES, overwrite, [checkpoint])  # before the slow part
+    if dense and "hf_config" not in read_model_shards(checkpoint).model_config:
+        raise ValueError(f"--dense: {checkpoint} holds a MoLM model, not an EMoE one (a MoLM export keeps its "
+                         "experts)")
     if tokenizer == "auto":
         tokenizer = checkpoint_tokenizer(checkpoint)
-    return export_hf(consolidate_checkpoint(checkpoint), out_dir, dtype, tokenizer, overwrite, [checkpoint])
+    model = consolidate_checkpoint(checkpoint)
+    if isinstance(model, MoLM):
+        return export_hf(model, out_dir, dtype, tokenizer, overwrite, [checkpoint])
+    return export_hf_lm(model, out_dir, dtype, tokenizer, overwrite, [checkpoint], dense)
 
 
 def save_model_file(model: MoLM, path: str | Path, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
@@ -220,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{NO_TOKENIZER!r}; default with --checkpoint: the one its training data was "
                             "tokenized with (from the data's .json); required with --model-file")
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
+    to_hf.add_argument("--dense", action="store_true", help="a checkpoint of a fine-tuned EMoE model: write the "
+                       "plain dense folder (no emoe entry; plain transformers loads it) instead of the EMoE folder")
     cons = sub.add_parser("consolidate", help="training checkpoint -> model file")
     cons.add_argument("--checkpoint", required=True, help="checkpoint.dir or one step_* folder")
     cons.add_argument("--out", required=True, help="model file to write")
@@ -244,8 +311,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
         tokenizer = None if args.tokenizer == NO_TOKENIZER else args.tokenizer
         if args.checkpoint:
             out = checkpoint_to_hf(args.checkpoint, args.out, DTYPES.get(args.dtype),
-                                   "auto" if args.tokenizer is None else tokenizer, args.overwrite)
+                                   "auto" if args.tokenizer is None else tokenizer, args.overwrite, args.dense)
         else:
+            if args.dense:
+                parser.error("--dense applies to checkpoints of fine-tuned EMoE models, not to model files")
             if args.tokenizer is None:
                 parser.error(f"to-hf --model-file needs --tokenizer (a tokenizer folder, {CODEGEN!r}, or "
                              f"{NO_TOKENIZER!r}): a model file does not record its tokenizer")
@@ -254,6 +323,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
                             args.overwrite, [args.model_file])
     elif args.command == "consolidate":
         check_file_target(args.out, "model file", args.overwrite, [args.checkpoint])  # before the slow part
+        if "hf_config" in read_model_shards(args.checkpoint).model_config:
+            raise ValueError(f"{args.checkpoint} holds a fine-tuned Hugging Face dense/EMoE model; model files hold "
+                             "MoLM models: export it with to-hf (add --dense for the plain dense folder)")
         out = save_model_file(consolidate_checkpoint(args.checkpoint), args.out, args.overwrite, [args.checkpoint])
     else:
         check_file_target(args.out, "model file", args.overwrite, [args.hf])

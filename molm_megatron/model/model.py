@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import molm_kernels
-from molm_megatron.config import ModelConfig
+from molm_megatron.config import ModelConfig, TrainingSpec
 from molm_megatron.model.losses import AUX_LOSS_NAMES, loss_weights, router_aux_losses, weighted_aux_loss
 
 # (keys, values) of one layer, each [B, S, nh, hs].
@@ -426,6 +426,10 @@ class MoLM(nn.Module):
     def num_params(self, active: bool = False, embedding: bool = True) -> int:
         """Counted from the config (see ModelConfig.num_params), so it is the same on every rank."""
         return self.config.num_params(active=active, embedding=embedding)
+
+    def training_spec(self) -> TrainingSpec:
+        """What the trainer needs beyond the forward pass (block size, vocabulary, memory, FLOPs, ...)."""
+        return self.config.training_spec()
 
     def forward(
         self,

@@ -23,6 +23,8 @@ from molm_megatron.modular.weights import expert_counts
 
 MODEL_HELP = ("starting weights: a pretraining checkpoint folder (checkpoint.dir or one step_* folder, any "
               "parallel layout), a Hugging Face folder in the published MoLM format, or a model file")
+STATS_MODEL_HELP = MODEL_HELP + ("; also an EMoE folder (python -m molm_megatron.emoe convert) or a finetune.py "
+                                 "checkpoint of one: the gates of its converted FFNs are counted")
 
 
 def _write_models(models: dict[str, tuple], out: Path, overwrite: bool, dtype: str | None) -> None:
@@ -48,15 +50,16 @@ def _params_line(before: int, model) -> str:
 
 def cmd_stats(args: argparse.Namespace) -> None:
     from molm_megatron.modular.stats import domain_prefixes, expert_statistics, write_stats
-    from molm_megatron.modular.weights import load_model
+    from molm_megatron.modular.weights import load_any_model
 
     out = Path(args.out)
     check_new_folder(out, args.overwrite)
     domains = domain_prefixes(args.data or [], args.domains_of)
-    model = load_model(args.model)
+    model = load_any_model(args.model)
     device = torch.device(args.device)
     stats = expert_statistics(model.to(device), domains, args.micro_batch_size,
-                              args.seq_len or model.config.block_size, args.max_batches, device, args.smoothing)
+                              args.seq_len or model.training_spec().block_size, args.max_batches, device,
+                              args.smoothing)
     stats["source"] = str(args.model)
     write_stats(stats, out, args.overwrite)
     for domain, d in stats["domains"].items():
@@ -135,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every layer) over each domain's data; frequency = count / assignments; "
                                    "KL(P_a || P_b) of the MLP experts between domains per layer and averaged. "
                                    "Writes stats.json, stats.csv and heatmap.png into --out.")
-    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--model", required=True, help=STATS_MODEL_HELP)
     s.add_argument("--data", nargs="+", metavar="PREFIX", help="indexed datasets (data_prep outputs, without "
                    ".bin/.idx), one domain each, named by their recorded domain or file name")
     s.add_argument("--domains-of", metavar="PREFIX", help="the output prefix of a data_prep --split-by-domain run: "

@@ -2,8 +2,9 @@
 different the domains' expert distributions are (ModuleFormer, Shen et al. 2023, section 5.3 and
 Fig. 2).
 
-For every router (attention and MLP of every layer): count = tokens routed to expert e (each valid
-token makes k assignments), frequency = count / assignments. Between domains a and b, per layer,
+For every router (attention and MLP of every layer; of an EMoE model, the gate of every converted
+FFN): count = tokens routed to expert e (each valid token makes k assignments), frequency = count /
+assignments. Between domains a and b, per layer,
 KL(P_a || P_b) of the MLP experts' frequency distributions, and its mean over layers. Frequencies
 for the KL are smoothed additively (`smoothing` pseudo-counts per expert, 0.5 by default:
 Jeffreys' prior), so an expert unused in one domain gives a finite divergence; the JSON records the
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from molm_megatron.emoe.training import EMoECausalLM
+from molm_megatron.eval.expert_stats import router_modules
 from molm_megatron.model import MoLM
 from molm_megatron.modular.output import atomic_folder
-from molm_megatron.modular.weights import router_names
 
 STATS_VERSION = 1
 
@@ -63,7 +65,7 @@ def domain_prefixes(prefixes: list[str], split_output: str | None = None) -> dic
 
 
 @torch.no_grad()
-def count_experts(model: MoLM, prefix: str, micro_batch_size: int, seq_len: int, max_batches: int,
+def count_experts(model: MoLM | EMoECausalLM, prefix: str, micro_batch_size: int, seq_len: int, max_batches: int,
                   device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Tokens routed to each expert of every router over one stream-ordered pass of the dataset
     `prefix` (at most `max_batches` windows of [micro_batch_size, seq_len], with Transformer-XL
@@ -111,29 +113,40 @@ def kl_divergence(counts_p: list[int], counts_q: list[int], smoothing: float) ->
     return kl
 
 
-def domain_kl(domain_counts: dict[str, dict[str, list[int]]], n_layer: int, smoothing: float) -> list[dict]:
-    """KL(P_a || P_b) of the MLP routers for every ordered pair of domains: per layer and averaged."""
+def mlp_routers(routers: list[str]) -> list[str]:
+    """The MLP routers ('layer{N}.mlpf') among `routers`, in their order: one per layer that has
+    MLP experts (every layer of a MoLM, the converted layers of an EMoE model)."""
+    return [r for r in routers if r.endswith(".mlpf")]
+
+
+def domain_kl(domain_counts: dict[str, dict[str, list[int]]], routers: list[str], smoothing: float) -> list[dict]:
+    """KL(P_a || P_b) of the MLP routers for every ordered pair of domains: per layer (`layers`
+    names each entry's layer) and averaged."""
+    mlp = mlp_routers(routers)
+    layers = [int(r.split(".")[0][len("layer"):]) for r in mlp]
     pairs = []
     for a, b in itertools.permutations(domain_counts, 2):
-        per_layer = [kl_divergence(domain_counts[a][f"layer{i}.mlpf"], domain_counts[b][f"layer{i}.mlpf"], smoothing)
-                     for i in range(n_layer)]
-        pairs.append({"a": a, "b": b, "per_layer": per_layer, "mean": sum(per_layer) / n_layer})
+        per_layer = [kl_divergence(domain_counts[a][r], domain_counts[b][r], smoothing) for r in mlp]
+        pairs.append({"a": a, "b": b, "layers": layers, "per_layer": per_layer, "mean": sum(per_layer) / len(mlp)})
     return pairs
 
 
-def expert_statistics(model: MoLM, domains: dict[str, str], micro_batch_size: int, seq_len: int,
+def expert_statistics(model: MoLM | EMoECausalLM, domains: dict[str, str], micro_batch_size: int, seq_len: int,
                       max_batches: int, device: torch.device, smoothing: float = 0.5) -> dict:
-    """The statistics of `model` on each domain (name -> prefix) as a JSON-ready dict."""
-    result = {"version": STATS_VERSION, "model": {"n_layer": model.config.n_layer,
-                                                  "vocab_size": model.config.vocab_size},
-              "routers": router_names(model.config), "smoothing": smoothing, "domains": {}}
+    """The statistics of `model` (a MoLM, or an EMoE model's trainer-facing module) on each domain
+    (name -> prefix) as a JSON-ready dict."""
+    routers = list(router_modules(model))
+    if not mlp_routers(routers):
+        raise ValueError(f"the model has no MLP experts to count (a dense {model.config.model_type} model?)")
+    result = {"version": STATS_VERSION, "model": {"vocab_size": model.config.vocab_size},
+              "routers": routers, "smoothing": smoothing, "domains": {}}
     counts = {}
     for name, prefix in domains.items():
         c, tokens = count_experts(model, prefix, micro_batch_size, seq_len, max_batches, device)
         counts[name] = {router: c[router].tolist() for router in result["routers"]}
         result["domains"][name] = {"prefix": prefix, "tokens": tokens, "counts": counts[name],
                                    "frequency": {router: frequencies(c[router]) for router in result["routers"]}}
-    result["kl"] = domain_kl(counts, model.config.n_layer, smoothing)
+    result["kl"] = domain_kl(counts, routers, smoothing)
     return result
 
 
@@ -187,15 +200,16 @@ def _heatmap(stats: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    domains, n_layer = list(stats["domains"]), stats["model"]["n_layer"]
+    domains, mlp = list(stats["domains"]), mlp_routers(stats["routers"])
     panels = len(domains) + (1 if len(domains) > 1 else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 0.35 * n_layer + 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 0.35 * len(mlp) + 2.5), squeeze=False)
     for ax, domain in zip(axes[0], domains):
-        rows = [stats["domains"][domain]["frequency"][f"layer{i}.mlpf"] for i in range(n_layer)]
+        rows = [stats["domains"][domain]["frequency"][r] for r in mlp]
         width = max(len(r) for r in rows)
         grid = [r + [float("nan")] * (width - len(r)) for r in rows]  # pruned layers may be narrower
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set(title=f"{domain}: MLP expert frequency", xlabel="expert", ylabel="layer", yticks=range(n_layer))
+        ax.set(title=f"{domain}: MLP expert frequency", xlabel="expert", ylabel="layer", yticks=range(len(mlp)))
+        ax.set_yticklabels([r.split(".")[0][len("layer"):] for r in mlp])
         fig.colorbar(im, ax=ax)
     if len(domains) > 1:
         mean = {(p["a"], p["b"]): p["mean"] for p in stats["kl"]}

@@ -5,7 +5,9 @@ Starting points (`load_model`): a pretraining checkpoint folder of any parallel 
 in the published MoLM format (the published weights or our exports), or a model file
 (`{"config", "model"}`, written by `python -m molm_megatron.hf.convert consolidate` and by
 `python -m molm_megatron.modular prune|drop-layers`); for benchmarks and tests also `preset:NAME`,
-a model preset with its published random initialisation.
+a model preset with its published random initialisation. `load_any_model` also takes Hugging Face
+dense or EMoE GPT-2 / GPT-NeoX / Llama folders (molm_megatron.emoe) and checkpoints of them: what
+finetune.py and the expert statistics run on.
 
 Every transformation here edits a *full* state dict: the published keys, with each router's W_e
 and each expert tensor holding all of its experts (old and inserted ones concatenated, in the
@@ -20,11 +22,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from molm_megatron.config import ModelConfig
 from molm_megatron.model import MoLM
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from molm_megatron.emoe.training import EMoECausalLM
 
 # Router name (as in `out.expert_stats`, 'layer{N}.attn' / 'layer{N}.mlpf') -> module path of its MoE.
 KINDS = {"attn": "attn.q_proj", "mlpf": "mlpf"}
@@ -87,10 +95,31 @@ def model_from_full(cfg: ModelConfig, full: dict[str, torch.Tensor]) -> MoLM:
     return model
 
 
-def load_model(path: str | Path, seed: int = 0) -> MoLM:
-    """A starting point as a model on the CPU (see the module docstring for what `path` may be;
-    `seed` initialises a `preset:NAME`). ValueError names the path when it is none of them.
-    """
+def hf_lm_config(path: str | Path) -> PretrainedConfig | None:
+    """The Hugging Face config of a dense or EMoE GPT-2 / GPT-NeoX / Llama starting point (its
+    folder, or a training checkpoint of one), reading config files only; None for any other path."""
+    from molm_megatron.emoe.layer import ARCHITECTURES
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        return AutoConfig.from_pretrained(path, local_files_only=True) if model_type in ARCHITECTURES else None
+    if path.is_dir() and ((path / "meta.json").is_file() or any(path.glob("step_*"))):
+        from molm_megatron.emoe.training import hf_config_from_dict
+        from molm_megatron.training.checkpoint import find_step_folder, read_meta, saved_model_config
+
+        saved = saved_model_config(read_meta(find_step_folder(path)))
+        if "hf_config" in saved:
+            return hf_config_from_dict(saved["hf_config"])
+    return None
+
+
+def load_any_model(path: str | Path, seed: int = 0) -> MoLM | EMoECausalLM:
+    """`load_model`'s starting points, and Hugging Face dense or EMoE folders (GPT-2, GPT-NeoX,
+    Llama) and training checkpoints of them, as their trainer-facing module (fp32, the context
+    length as block size; a checkpoint's keeps its block size and LoRA adapters)."""
     from molm_megatron.config import model_preset
     from molm_megatron.hf.convert import consolidate_checkpoint, import_hf, load_model_file
 
@@ -104,12 +133,28 @@ def load_model(path: str | Path, seed: int = 0) -> MoLM:
         raise ValueError(f"{path}: no such file or folder (expected a checkpoint folder, a Hugging Face folder "
                          "or a model file)")
     if (path / "config.json").is_file():
-        if "emoe" in json.loads((path / "config.json").read_text()):
-            # An EMoE folder is a dense GPT-2/GPT-NeoX/Llama model, not a MoLM one.
-            raise ValueError(f"{path} is an EMoE folder (config.json has an emoe entry), not a MoLM model: "
-                             "load it with molm_megatron.emoe.training.load_for_training")
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if hf_lm_config(path) is not None:
+            from molm_megatron.emoe.training import load_for_training
+
+            return load_for_training(path)
+        if model_type != "moduleformer":
+            raise ValueError(f"{path}/config.json: model_type {model_type!r} is neither MoLM ('moduleformer') nor a "
+                             "dense or EMoE gpt2, gpt_neox or llama model")
         return import_hf(path)
     if (path / "meta.json").is_file() or any(path.glob("step_*")):
         return consolidate_checkpoint(path)
     raise ValueError(f"{path}: neither a training checkpoint (meta.json or step_* folders) nor a Hugging Face "
                      "folder (config.json)")
+
+
+def load_model(path: str | Path, seed: int = 0) -> MoLM:
+    """A MoLM starting point on the CPU (see the module docstring for what `path` may be; `seed`
+    initialises a `preset:NAME`). ValueError names the path when it is none of them, or when it
+    holds a Hugging Face dense or EMoE model (`load_any_model` takes those)."""
+    config = hf_lm_config(path) if not str(path).startswith("preset:") else None
+    if config is not None:
+        kind = "an EMoE" if getattr(config, "emoe", None) else "a dense"
+        raise ValueError(f"{path} holds {kind} {config.model_type} model, not a MoLM one: expert insertion, "
+                         "pruning and layer dropping apply to MoLM (finetune.py and the stats command take it)")
+    return load_any_model(path, seed)

@@ -34,9 +34,13 @@ class StreamMemory:
         keep_BM = self.valid_BM & ~reset_B.to(self.valid_BM.device)[:, None]
         return self.kv, torch.cat([keep_BM, keep_BM.new_ones(keep_BM.shape[0], T)], dim=1)
 
-    def remember(self, memory: list, mask_BS: torch.Tensor | None) -> None:
+    def remember(self, memory: list | None, mask_BS: torch.Tensor | None) -> None:
         """Keep the model's `out.memory` and which of its positions are valid: the last M positions
-        of the window's key mask (all valid when the window had none)."""
+        of the window's key mask (all valid when the window had none). A model that keeps no memory
+        returns None: nothing is kept, and every window is read on its own."""
+        if memory is None:
+            self.reset()
+            return
         M = memory[0][0].shape[1]
         if mask_BS is None:
             self.valid_BM = torch.ones(memory[0][0].shape[0], M, dtype=torch.bool, device=memory[0][0].device)

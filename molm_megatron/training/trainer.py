@@ -5,6 +5,7 @@ Data order is Transformer-XL's (Dai et al., 2019; docs/design.md, Data order): e
 reads `micro_batch_size` parallel streams in consecutive `block_size` windows, and every window
 attends over the previous window's keys/values of the same row (`out.memory`); a row whose stream
 restarts has its memory masked out. Micro-batches of one step continue each other the same way.
+A model without memory (a Hugging Face dense or EMoE model) reads the same windows, each on its own.
 
 The LM loss of a step is normalised by the global number of valid label tokens (all micro-batches
 of all data-parallel ranks), not averaged per micro-batch: each micro-batch contributes
@@ -16,7 +17,6 @@ Legend: B micro-batch rows, T segment tokens, M memory tokens per row, E experts
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from molm_megatron.config import JobConfig, ModelConfig
+from molm_megatron.config import JobConfig, TrainingSpec
 from molm_megatron.model import MoLM
 from molm_megatron.model.losses import AUX_LOSS_NAMES
 from molm_megatron.training.activation_checkpoint import apply_activation_checkpoint
@@ -90,7 +90,7 @@ def init_distributed(device: torch.device, backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def build_stream_data(job: JobConfig, cfg: ModelConfig, dp_rank: int, dp_size: int):
+def build_stream_data(job: JobConfig, spec: TrainingSpec, dp_rank: int, dp_size: int):
     """This rank's Transformer-XL stream loader over the blended training split, and a factory of
     one-pass validation iterators over the held-out split (None without validation)."""
     from molm_megatron.data import (DataSpec, TransformerXLStreamLoader, build_token_sources, load_data_spec,
@@ -98,26 +98,26 @@ def build_stream_data(job: JobConfig, cfg: ModelConfig, dp_rank: int, dp_size: i
 
     d, t = job.data, job.train
     if d.spec:
-        spec = load_data_spec(d.spec)
+        data = load_data_spec(d.spec)
     elif not d.prefixes:
         raise ValueError("data.prefixes is empty: give the indexed datasets written by data_prep "
                          "(--data.prefixes PREFIX [PREFIX ...], without .bin/.idx), or a data-spec YAML "
                          "(--data.spec FILE)")
     else:
-        spec = DataSpec(list(d.prefixes), list(d.weights) or [1.0] * len(d.prefixes), d.split)
-    if spec.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the data's vocabulary ({spec.vocab_size} ids, from {spec.prefixes[0]}.json) exceeds "
-                         f"model.vocab_size ({cfg.vocab_size})")
-    sources = build_token_sources(spec)
-    loader = TransformerXLStreamLoader(sources["train"], t.micro_batch_size, cfg.block_size, dp_rank, dp_size, t.seed)
+        data = DataSpec(list(d.prefixes), list(d.weights) or [1.0] * len(d.prefixes), d.split)
+    if data.vocab_size > spec.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data.vocab_size} ids, from {data.prefixes[0]}.json) exceeds "
+                         f"{spec.vocab_source} ({spec.vocab_size})")
+    sources = build_token_sources(data)
+    loader = TransformerXLStreamLoader(sources["train"], t.micro_batch_size, spec.block_size, dp_rank, dp_size, t.seed)
     if not t.eval_interval:
         return loader, None
     if sources["valid"] is None:
-        raise ValueError(f"train.eval_interval is {t.eval_interval} but data.split ({spec.split!r}) leaves the "
+        raise ValueError(f"train.eval_interval is {t.eval_interval} but data.split ({data.split!r}) leaves the "
                          "validation split without documents")
     # Fail now, not at the first validation, when the held-out split is too short for the streams.
-    TransformerXLStreamLoader(sources["valid"], t.micro_batch_size, cfg.block_size, dp_rank, dp_size).windows_per_epoch
-    return loader, lambda: validation_batches(sources["valid"], t.micro_batch_size, cfg.block_size, dp_rank,
+    TransformerXLStreamLoader(sources["valid"], t.micro_batch_size, spec.block_size, dp_rank, dp_size).windows_per_epoch
+    return loader, lambda: validation_batches(sources["valid"], t.micro_batch_size, spec.block_size, dp_rank,
                                               dp_size, t.seed)
 
 
@@ -158,9 +158,10 @@ class Trainer:
     """Owns everything of a run; `train()` returns the process exit code (0, 75 preempted, 3 non-finite)."""
 
     def __init__(self, job: JobConfig, model: torch.nn.Module | None = None):
-        """`model`: a built MoLM with full (unsharded) weights, identical on every rank (e.g. loaded
-        from one file, with experts inserted or pruned); its `config` is the model trained, saved
-        and checked on resume. None builds `job.model` from the seed."""
+        """`model`: a built model with full (unsharded) weights, identical on every rank: a MoLM (e.g.
+        loaded from one file, with experts inserted or pruned) or a Hugging Face dense/EMoE model behind
+        MoLM's forward (molm_megatron.emoe.training.EMoECausalLM); its `training_spec()` says what is
+        trained, saved and checked on resume. None builds `job.model` from the seed."""
         import deepspeed
 
         from molm_megatron import parallel
@@ -174,9 +175,11 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         if model is None:
             adopt_data_eod(job)  # bos/eos = the data's end-of-document id, what exports stop generating at
-        self.cfg = job.validate() if model is None else model.config
-        if model is not None:
+            cfg = job.validate()
+            self.spec = cfg.training_spec()
+        else:
             job.validate()
+            self.spec = model.training_spec()
         if job.metrics.wandb:
             require_wandb()  # on every rank, before any process group: all exit 2 together
         t = job.train
@@ -185,9 +188,12 @@ class Trainer:
         init_distributed(self.device, job.parallel.backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         tp, ep = job.parallel.tensor_parallel_size, job.parallel.expert_parallel_size
-        parallel.validate_layout(self.world_size, tp, ep, self.cfg)
+        if self.spec.parallel_config is None and (tp > 1 or ep > 1):
+            raise ValueError(f"parallel.tensor_parallel_size ({tp}) and parallel.expert_parallel_size ({ep}) must be "
+                             f"1: {type(model).__name__} trains data-parallel only (ZeRO 1-3)")
+        parallel.validate_layout(self.world_size, tp, ep, self.spec.parallel_config)
         dp_size = self.world_size // tp
-        self.plan = plan_batch(t.global_batch_tokens, t.micro_batch_size, self.cfg.block_size, dp_size)
+        self.plan = plan_batch(t.global_batch_tokens, t.micro_batch_size, self.spec.block_size, dp_size)
         self.groups = parallel.init_parallel(tp, ep)
         if self.rank == 0:
             logger.info("resolved config:\n%s", yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
@@ -199,7 +205,10 @@ class Trainer:
         # Same seed on every rank: every layout starts from the same full weights, then shards them.
         torch.manual_seed(t.seed)
         if model is None:
-            model = MoLM(self.cfg)
+            model = MoLM(cfg)
+        model.train()  # a loaded Hugging Face model comes in eval mode (dropout off)
+        if job.parallel.zero_stage == 3 and self.spec.zero3_leaf_modules:
+            deepspeed.utils.set_z3_leaf_modules(model, list(self.spec.zero3_leaf_modules))
         # Full weights first, then each rank keeps its shards: expert parallelism, then tensor
         # parallelism around its dispatcher (the fixed order of parallel.parallelize); activation
         # checkpointing wraps the (possibly parallelised) layers last.
@@ -221,7 +230,7 @@ class Trainer:
         self.microbatch = self._fused_microbatch()
 
         self.loader, self.make_valid_loader = build_stream_data(
-            job, self.cfg, dp_rank=self.groups.dp_rank, dp_size=dp_size)
+            job, self.spec, dp_rank=self.groups.dp_rank, dp_size=dp_size)
 
         # Trainer state that survives a restart (with the engine's, the loader's and the RNGs').
         self.step = 0
@@ -241,11 +250,11 @@ class Trainer:
         self._maybe_resume()
 
         m = job.metrics
-        self.metrics = MetricsLogger(m.dir, t.steps, m.tensorboard, enabled=self.rank == 0, aux_name=self.cfg.aux_loss_type,
+        self.metrics = MetricsLogger(m.dir, t.steps, m.tensorboard, enabled=self.rank == 0, aux_name=self.spec.aux_loss_name,
                                      wandb=m.wandb, wandb_project=m.wandb_project, wandb_mode=m.wandb_mode,
                                      run_config=job.to_dict())
         self.peak_flops = peak_flops_per_device(self.device, job.metrics.peak_tflops)
-        self.flops_per_token = self.cfg.flops_per_token(self.cfg.block_size)
+        self.flops_per_token = self.spec.flops_per_token
 
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -282,7 +291,7 @@ class Trainer:
         if self.checkpoints is None:
             return
         model = ModelState(self.engine.module) if self._model_file() else None
-        step = self.checkpoints.restore(self.pieces, model, self._model_file(), dataclasses.asdict(self.cfg))
+        step = self.checkpoints.restore(self.pieces, model, self._model_file(), self.spec.config)
         if step is not None and self.rank == 0:
             logger.info("resumed from %s at step %d", self.checkpoints.directory, self.step)
 
@@ -297,7 +306,7 @@ class Trainer:
             # never loaded: resume restores from the optimizer piece).
             pieces = {**pieces, "zero3": Zero3Record(self.engine, self.groups)}
         self.checkpoints.save_state(self.step, pieces, ModelState(self.engine.module) if writes_model else None,
-                                    self._model_file(), self.job.to_dict(), dataclasses.asdict(self.cfg))
+                                    self._model_file(), self.job.to_dict(), self.spec.config)
 
     def _all_ranks(self, ok: bool) -> bool:
         """True when `ok` on every rank (on this rank's device: NCCL reduces no CPU tensors)."""
@@ -368,7 +377,7 @@ class Trainer:
         sums = torch.zeros(2 + len(AUX_LOSS_NAMES), dtype=torch.float64, device=self.device)
         counts: dict[str, torch.Tensor] = {}
         for input_ids, labels, reset_B in zip(ids_ABT, labels_ABT, resets_AB):
-            memory, mask_BS = self.memory.inputs(reset_B, self.cfg.block_size)
+            memory, mask_BS = self.memory.inputs(reset_B, self.spec.block_size)
             # Steps that log nothing compute only the weighted aux losses.
             if self.microbatch is None:
                 out = engine(input_ids, labels=labels, attention_mask=mask_BS, memory=memory,
@@ -418,8 +427,7 @@ class Trainer:
         for name in names:
             reduced[name] = flat[position:position + counts[name].numel()]
             position += counts[name].numel()
-        metrics.update(expert_load_metrics(reduced, {"attn": self.cfg.n_new_att_experts,
-                                                       "mlpf": self.cfg.n_new_mlp_experts}))
+        metrics.update(expert_load_metrics(reduced, self.spec.new_experts))
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"grad_norm": math.nan if grad_norm is None else float(grad_norm), "lr": lr,
                         "train/skipped_steps": float(self.skipped_steps),
@@ -434,7 +442,7 @@ class Trainer:
         stream = StreamMemory(self.device)  # its own: the training streams' memory stays as it is
         # Every rank has the same number of windows, so all take part in each forward (EP all-to-all).
         for batch in itertools.islice(self.make_valid_loader(), self.job.train.eval_steps):
-            memory, mask_BS = stream.inputs(batch.reset_memory, self.cfg.block_size)
+            memory, mask_BS = stream.inputs(batch.reset_memory, self.spec.block_size)
             out = self.engine(batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
                               attention_mask=mask_BS, memory=memory)
             stream.remember(out.memory, mask_BS)

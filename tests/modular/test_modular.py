@@ -175,7 +175,8 @@ def test_kl_matches_a_hand_computation():
     assert kl_divergence([2, 2], [1, 3], 0.0) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75))
     counts = {"a": {"layer0.mlpf": [3, 1, 0], "layer1.mlpf": [2, 2, 0]},
               "b": {"layer0.mlpf": [1, 1, 2], "layer1.mlpf": [2, 2, 0]}}
-    pairs = {(r["a"], r["b"]): r for r in domain_kl(counts, 2, 0.5)}
+    pairs = {(r["a"], r["b"]): r for r in domain_kl(counts, ["layer0.attn", "layer0.mlpf", "layer1.mlpf"], 0.5)}
+    assert pairs[("a", "b")]["layers"] == [0, 1]
     assert pairs[("a", "b")]["per_layer"] == [pytest.approx(want), 0.0]
     assert pairs[("a", "b")]["mean"] == pytest.approx(want / 2)
     assert pairs[("b", "a")]["per_layer"][0] == pytest.approx(kl_divergence([1, 1, 2], [3, 1, 0], 0.5))
