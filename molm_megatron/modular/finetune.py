@@ -64,7 +64,7 @@ def build_hf_finetune_model(job: FinetuneJobConfig, config: PretrainedConfig) ->
     """A Hugging Face dense or EMoE starting point (its `config`), every setting checked before the
     weights are read: all tensors train, or only LoRA adapters (finetune.lora_rank)."""
     f, p = job.finetune, job.parallel
-    kind = f"a {'EMoE' if getattr(config, 'emoe', None) else 'dense'} {config.model_type} model"
+    kind = f"{'an EMoE' if getattr(config, 'emoe', None) else 'a dense'} {config.model_type} model"
     where = f"finetune.init_from {f.init_from} is {kind}"
     other = sorted(set(job.model.overrides) - {"block_size"})
     if other:
