@@ -1,5 +1,6 @@
 """Fine-tune a ModuleFormer (MoLM) model: load concentration, continual learning by inserted
-experts, or plain full fine-tuning (recipes in launch/configs/finetune_*.yaml).
+experts, or plain full fine-tuning (recipes in launch/configs/finetune_*.yaml); or a Hugging Face
+dense or EMoE GPT-2 / GPT-NeoX / Llama model, fully or with LoRA (finetune_emoe*.yaml).
 
     python finetune.py --config launch/configs/finetune_continual.yaml --finetune.init_from CKPT [--section.field VALUE ...]
     deepspeed --num_gpus 8 finetune.py --config ...          # or: torchrun --nproc_per_node 8 finetune.py ...
