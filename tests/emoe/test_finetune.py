@@ -238,6 +238,8 @@ def test_checkpoint_exports_as_emoe_and_dense_and_reloads_in_a_fresh_process(sin
     (["--parallel.expert_parallel_size", "2"],
      r"parallel.expert_parallel_size \(2\) must be 1: .* trains data-parallel only \(ZeRO 1-3\)"),
     (["--finetune.insert_mlp_experts", "2"], r"finetune.insert_mlp_experts: finetune.init_from .* is an EMoE gpt2"),
+    (["--train.activation_checkpoint", "full"], r"train.activation_checkpoint 'full': .* no MoA layers or MoLM blocks"),
+    (["--train.cuda_graph", "true"], r"train.cuda_graph: .* keeps no Transformer-XL memory"),
     (["--finetune.lora_rank", "4", "--finetune.lora_targets", "mlp.c_fc"],
      r"finetune.lora_targets: 'mlp.c_fc' reaches transformer.h.0.mlp.c_fc, inside an EMoE FFN"),
     (["--finetune.lora_rank", "4", "--finetune.lora_targets", "q_proj"],
