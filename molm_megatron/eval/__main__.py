@@ -37,9 +37,10 @@ def print_table(title: str, rows: list[tuple[str, object]]) -> None:
 
 def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required,
-                   help="Hugging Face folder (config.json + safetensors; ours or a published MoLM) or training "
-                        "checkpoint (pretrain.py's checkpoint.dir, its newest complete checkpoint, or one step_* "
-                        "folder; any TP/EP layout, ZeRO 1-3, consolidated in memory)")
+                   help="Hugging Face folder (config.json + safetensors; ours or a published MoLM, or a dense or "
+                        "EMoE GPT-2/GPT-NeoX/Llama: no memory, segments are independent windows) or training "
+                        "checkpoint (pretrain.py's or finetune.py's checkpoint.dir, its newest complete checkpoint, "
+                        "or one step_* folder; any TP/EP layout, ZeRO 1-3, consolidated in memory)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
     p.add_argument("--overwrite", action="store_true", help="allow an --out folder that holds a summary.json")
     p.add_argument("--tokenizer", default="auto",
