@@ -209,7 +209,8 @@ def test_labels_are_cached_per_layer(folders, tmp_path):
 
 def test_lora_trains_only_the_adapters_and_saves_merged(folders, tmp_path):
     """LoRA through peft on the attention projections: only adapter weights change, the EMoE
-    FFNs stay bitwise; the merged save reloads with the fine-tuned logits."""
+    FFNs stay bitwise; the merged save reloads with the fine-tuned logits, and `export-dense` of it
+    loads in the plain dense class with the merged model's logits at k = N."""
     torch.manual_seed(5)
     model = apply_lora(load_for_training(folders["llama"][1], dtype=torch.float64), r=4)
     model.unwrapped().set_emoe(top_k=3)
@@ -229,6 +230,13 @@ def test_lora_trains_only_the_adapters_and_saves_merged(folders, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").double().eval()
     assert reloaded.config.emoe["top_k"] == 3
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-9, atol=1e-9)
+    from molm_megatron.emoe.__main__ import main
+
+    assert main(["export-dense", "--model", str(tmp_path / "merged"), "--out", str(tmp_path / "dense")]) == 0
+    dense = LlamaForCausalLM.from_pretrained(tmp_path / "dense").double().eval()
+    assert "emoe" not in dense.config.to_dict()
+    reloaded.set_emoe(top_k=E)
+    torch.testing.assert_close(logits(dense, ids), logits(reloaded, ids), rtol=1e-9, atol=1e-9)
 
 
 def test_expert_statistics_count_valid_tokens_per_layer(folders):

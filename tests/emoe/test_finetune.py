@@ -2,11 +2,10 @@
 library sources through data_prep). The start: a small random GPT-2 with the CodeGen vocabulary,
 converted to 8 experts per FFN with k = 2 (molm_megatron.emoe.convert).
 
-One batch of single-process runs (two at a time) and two 2-process runs:
+Four single-process runs (two at a time), two 2-process runs and README's experiment:
 - full fine-tuning of the EMoE model (launch/configs/finetune_emoe.yaml): the LM loss falls, each
   EMoE layer's expert load is logged; preempted by SIGUSR1 and resumed, a run logs exactly the
   uninterrupted run's losses and gradient norms;
-- the dense baseline, the unconverted folder through the same recipe: it trains and logs no experts;
 - LoRA (finetune_emoe_lora.yaml): only the adapters change, every other tensor is bitwise the
   start's, and ZeRO's fp32 partition holds exactly the adapters;
 - ZeRO-2 and ZeRO-3 over gloo, two processes of micro-batch 1: per-step losses, gradient norms and
@@ -16,6 +15,8 @@ One batch of single-process runs (two at a time) and two 2-process runs:
   fresh process gets the trained model's logits from the EMoE folder through the Auto classes, and
   from the dense folder in plain transformers (nothing of ours imported) the EMoE logits at k = N;
   the expert statistics (modular stats) count the checkpoint's gates;
+- README's EMoE experiment runs as written (tiny model, 2 steps), its dense baseline (the
+  unconverted folder through the same recipe) logging no experts;
 - bad settings are refused by name before the weights are read.
 """
 
@@ -68,15 +69,17 @@ def finetune(recipe: str, init: Path, data: str, out: Path, steps: int = STEPS) 
 
 @pytest.fixture(scope="module")
 def single_runs(small_data, start_folders, tmp_path_factory) -> dict[str, Path]:
-    """EMoE and dense full fine-tuning, LoRA, and a run preempted by SIGUSR1 at step 3 (then resumed
-    into its own metrics folder); two processes at a time (2 cores)."""
-    dense, emoe_dir = start_folders
+    """EMoE full fine-tuning beside a run preempted by SIGUSR1 at step 3, then LoRA beside the
+    preempted run resumed (into its own metrics folder): two processes at a time (2 cores)."""
+    _, emoe_dir = start_folders
     root = tmp_path_factory.mktemp("finetune")
+    resumed = finetune("finetune_emoe", emoe_dir, small_data, root / "resumed")
+    resumed[resumed.index("--checkpoint.dir") + 1] = str(root / "preempted" / "ckpt")
     runs = {"emoe": finetune("finetune_emoe", emoe_dir, small_data, root / "emoe"),
-            "dense": finetune("finetune_emoe", dense, small_data, root / "dense"),
+            "preempted": finetune("finetune_emoe", emoe_dir, small_data, root / "preempted", steps=200),
             "lora": finetune("finetune_emoe_lora", emoe_dir, small_data, root / "lora"),
-            "preempted": finetune("finetune_emoe", emoe_dir, small_data, root / "preempted", steps=200)}
-    for pair in (["emoe", "dense"], ["lora", "preempted"]):
+            "resumed": resumed}
+    for pair in (["emoe", "preempted"], ["lora", "resumed"]):
         procs = {}
         for name in pair:
             (root / name).mkdir()
@@ -86,12 +89,7 @@ def single_runs(small_data, start_folders, tmp_path_factory) -> dict[str, Path]:
             os.kill(procs["preempted"].pid, signal.SIGUSR1)
         for name, proc in procs.items():
             assert wait(proc, 300) == (75 if name == "preempted" else 0), (root / name / "log.txt").read_text()[-3000:]
-    resumed = finetune("finetune_emoe", emoe_dir, small_data, root / "resumed")
-    resumed[resumed.index("--checkpoint.dir") + 1] = str(root / "preempted" / "ckpt")
-    (root / "resumed").mkdir()
-    code = run([sys.executable, *resumed], root / "resumed" / "log.txt")
-    assert code == 0, (root / "resumed" / "log.txt").read_text()[-3000:]
-    return {name: root / name for name in [*runs, "resumed"]}
+    return {name: root / name for name in runs}
 
 
 def same(a: dict[int, dict], b: dict[int, dict], steps: range) -> None:
@@ -116,14 +114,6 @@ def test_emoe_fine_tuning_lowers_the_loss_logs_expert_load_and_resumes_exactly(s
     assert f"resumed from {single_runs['preempted'] / 'ckpt'} at step {k}" in resumed_log
     same(rows(single_runs["preempted"]), emoe_rows, range(1, k + 1))
     same(rows(single_runs["resumed"]), emoe_rows, range(k + 1, STEPS + 1))
-
-
-def test_dense_baseline_trains_through_the_same_engine(single_runs):
-    dense_rows = rows(single_runs["dense"])
-    assert dense_rows[STEPS]["loss/lm"] < dense_rows[1]["loss/lm"] - 0.2
-    assert not [key for key in dense_rows[STEPS] if key.startswith("experts/")]
-    meta = json.loads((single_runs["dense"] / "ckpt" / f"step_{STEPS:08d}" / "meta.json").read_text())
-    assert "emoe" not in meta["model"]["hf_config"] and meta["model"]["block_size"] == 32
 
 
 def test_lora_trains_only_the_adapters(single_runs, start_folders):
@@ -284,12 +274,13 @@ def readme_example() -> list[str]:
 
 # Appended to the example's finetune.py commands (later flags win): the tiny model's windows, 2 steps.
 SHRINK = ("--model.block_size 32 --train.micro_batch_size 2 --train.global_batch_tokens 64 --train.steps 2 "
-          "--train.eval_interval 0")
+          "--train.eval_interval 0 --metrics.log_interval 1")
 
 
-def test_readme_experiment_runs_as_written(tmp_path):
+def test_readme_experiment_runs_as_written_with_the_dense_baseline(tmp_path):
     """README's EMoE experiment in a scratch folder, with M a tiny GPT-2 (d_ff 128: 64 experts of 2
-    neurons) holding the CodeGen tokenizer, and the fine-tuning shrunk to 2 steps."""
+    neurons) holding the CodeGen tokenizer, and the fine-tuning shrunk to 2 steps. Its dense
+    baseline (the unconverted folder through the same recipe) trains and logs no experts."""
     from tokenizer.loading import copy_tokenizer_files
 
     model = tmp_path / "gpt2-tiny"
@@ -307,6 +298,12 @@ def test_readme_experiment_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = tmp_path / "runs" / "emoe"
     assert "emoe" not in json.loads((runs / "ft_dense" / "config.json").read_text())
+    emoe_rows, base_rows = rows(runs / "ft"), rows(runs / "ft_base")
+    assert sorted(emoe_rows) == sorted(base_rows) == [1, 2]
+    assert "experts/layer1.mlpf/load_entropy" in emoe_rows[2]
+    assert not [key for key in base_rows[2] if key.startswith("experts/")]
+    meta = json.loads((runs / "ft_base" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert "emoe" not in meta["model"]["hf_config"] and meta["model"]["block_size"] == 32
     for name in ("eval_ft_dense", "eval_ft_base"):
         summary = json.loads((runs / name / "summary.json").read_text())
         assert summary["segments"]["tokens"] > 1000 and summary["rolling"]["tokens"] == summary["segments"]["tokens"]
