@@ -24,9 +24,9 @@ from transformers import PretrainedConfig
 
 from molm_megatron.config import FinetuneJobConfig
 from molm_megatron.data.spec import job_data_ids
+from molm_megatron.emoe.training import EMoECausalLM, apply_lora, checked_block_size, lora_target_modules
 from molm_megatron.model import MoLM
 from molm_megatron.modular.insert import count_trainable, grow_vocab, insert_experts, mask_frozen_rows, set_trainable
-from molm_megatron.emoe.training import EMoECausalLM, apply_lora, checked_block_size, lora_target_modules
 from molm_megatron.modular.weights import full_state_dict, hf_lm_config, load_any_model, load_model, model_from_full
 
 logger = logging.getLogger(__name__)
