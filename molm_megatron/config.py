@@ -359,7 +359,9 @@ class CheckpointConfig:
     """Where and how often to save; a run whose dir holds a complete checkpoint resumes from it."""
 
     dir: str = ""
-    """Checkpoint folder (shared by all ranks); empty disables checkpointing and resuming."""
+    """Checkpoint folder (shared by all ranks); empty disables checkpointing and resuming. A checkpoint
+    of another parallel layout (world size, TP, EP, DP, ZeRO stage) resumes too, when data-parallel size
+    x train.micro_batch_size is the same (README, "Resuming in another layout")."""
     interval: int = 1000
     """Save every this many steps (and always on SIGTERM/SIGUSR1 and at the end)."""
     keep_last: int = 3

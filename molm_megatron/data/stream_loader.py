@@ -17,6 +17,11 @@ are cut the way Transformer-XL does (Dai et al., 2019, its `batchify`), per epoc
 Every row restarts at the same step, because all parts have the same length. The position is
 (epoch, step) and the shuffle is a pure function of (seed, epoch), so `state_dict` is a few
 integers and resuming reproduces the following batches exactly.
+
+Stream g = dp_rank * micro_batch_size + b (row b of rank dp_rank) is part g of the cut whatever the
+layout, so a checkpoint of another data-parallel size resumes exactly when dp_size x
+micro_batch_size, the number of parts, is the same (`stream_origins`). With another number the parts
+are cut elsewhere in the token stream and the positions saved have no counterpart: refused.
 """
 
 from __future__ import annotations
@@ -143,6 +148,36 @@ class TransformerXLStreamLoader:
             "stream_positions": [int(s) + self.step * self.seq_len for s in self._row_starts],
             "epoch_tokens": self._epoch_tokens,
         }
+
+    def stream_origins(self, states: list[dict]) -> list[tuple[int, int]]:
+        """Where each of this loader's streams was in a checkpoint of another data-parallel layout:
+        (index in `states`, row) per row, `states` being every rank's saved loader state (ranks of one
+        data-parallel rank hold equal states). ValueError naming the field when the streams cannot
+        continue here."""
+        first = states[0]
+        assert len({(s["epoch"], s["step"]) for s in states}) == 1, "ranks saved different stream positions"
+        saved, now = first["dp_size"] * first["micro_batch_size"], self.dp_size * self.micro_batch_size
+        if saved != now:
+            hint = (f" (here: train.micro_batch_size {saved // self.dp_size})" if saved % self.dp_size == 0 else "")
+            raise ValueError(
+                f"stream loader state: the checkpoint reads {saved} streams (data-parallel size {first['dp_size']} x "
+                f"train.micro_batch_size {first['micro_batch_size']}) but this run reads {now} (data-parallel size "
+                f"{self.dp_size} x train.micro_batch_size {self.micro_batch_size}); the token stream would be cut "
+                f"into other parts, where the saved positions mean nothing. Keep data-parallel size x "
+                f"train.micro_batch_size at {saved}{hint}, or start a new checkpoint.dir")
+        index = {}
+        for i, s in enumerate(states):
+            index.setdefault(s["dp_rank"], i)
+        streams = range(self.dp_rank * self.micro_batch_size, (self.dp_rank + 1) * self.micro_batch_size)
+        return [(index[g // first["micro_batch_size"]], g % first["micro_batch_size"]) for g in streams]
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        """The state this loader would have saved at the checkpoint, from every rank's saved loader
+        state of another data-parallel layout (see `stream_origins`)."""
+        origins = self.stream_origins(states)
+        # The rest (seed, seq_len, the epoch's tokens) is checked by load_state_dict as on any resume.
+        return {**states[0], **{key: getattr(self, key) for key in ("micro_batch_size", "dp_rank", "dp_size")},
+                "stream_positions": [states[i]["stream_positions"][row] for i, row in origins]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken; the config and the data must match."""

@@ -6,8 +6,8 @@ the two unused attention buffers per layer (see modeling_moduleformer.UNUSED_PUB
 
 A training checkpoint (molm_megatron/training/checkpoint.py) holds one model file per distinct
 (TP rank, EP rank) shard, each with the place of every sharded tensor in the full one (ZeRO-3:
-the fp32 partitions in the rank files instead); they are consolidated here without process
-groups. A *model file* is one consolidated model:
+the fp32 master-weight fragments in the rank files instead); they are consolidated here without
+process groups. A *model file* is one consolidated model:
 `torch.save({"config": asdict(ModelConfig), "model": state_dict})`.
 
 An export holds config.json (with an `auto_map`), model.safetensors, generation_config.json,
@@ -44,8 +44,9 @@ from molm_megatron.config import ModelConfig
 from molm_megatron.hf.modeling_moduleformer import ModuleFormerForCausalLM
 from molm_megatron.model import MoLM
 from molm_megatron.outputs import check_file_target, check_folder_target, write_file, write_folder
-from molm_megatron.training.checkpoint import find_step_folder, rank_file, read_file, read_meta, read_model_shards
-from molm_megatron.training.zero3 import zero3_model_shards
+from molm_megatron.training.checkpoint import find_step_folder, read_meta, read_model_shards, read_rank_states
+from molm_megatron.training.fragments import assemble
+from molm_megatron.training.optimizer_state import fp32_fragments
 from tokenizer.folder import TOKENIZER_FILES
 from tokenizer.loading import CODEGEN, copy_tokenizer_files, load_tokenizer
 
@@ -180,20 +181,18 @@ def model_from_saved_config(saved: dict) -> MoLM | EMoECausalLM:
 def consolidate_checkpoint(checkpoint: str | Path) -> MoLM | EMoECausalLM:
     """The full model of a training checkpoint (a `checkpoint.dir` or one of its step folders),
     whatever its layout: every shard's tensors are placed where their `shards` records say. The
-    shards are the model files (ZeRO 1-2) or, for ZeRO-3, the fp32 partitions of the rank files
-    (molm_megatron.training.zero3). A MoLM, or for a fine-tuned Hugging Face dense/EMoE model its
-    trainer-facing module (with its LoRA adapters, unmerged)."""
+    shards are the model files (ZeRO 1-2) or, for ZeRO-3, the fp32 master-weight fragments of the
+    rank files (molm_megatron.training.optimizer_state). A MoLM, or for a fine-tuned Hugging Face
+    dense/EMoE model its trainer-facing module (with its LoRA adapters, unmerged)."""
     shards = read_model_shards(checkpoint)
     folder, model_section = shards.folder, shards.model_config
     model = model_from_saved_config(model_section)
     if shards.layout.get("zero_stage") == 3:
-        rank_files = [folder / rank_file(r) for r in range(shards.layout["world_size"])]
-        blobs = [(f"{folder} (ZeRO-3 partitions)", b)
-                 for b in zero3_model_shards((str(p), read_file(p)) for p in rank_files)]
+        fragments = fp32_fragments(read_rank_states(folder, shards.layout["world_size"]))
     elif not shards.files:
         raise ValueError(f"{folder}: no model_tp*_ep*.pt files")
     else:
-        blobs = shards
+        fragments = shards.fragments()
     state = model.state_dict()
     # A tied tensor (GPT-2's head is its embedding) is one parameter under two names: ZeRO-3 records
     # it once, so its other names take the first name's consolidated tensor.
@@ -201,26 +200,18 @@ def consolidate_checkpoint(checkpoint: str | Path) -> MoLM | EMoECausalLM:
     aliases = {name: first_name.setdefault((t.data_ptr(), t.shape), name) if t.numel() else name
                for name, t in state.items()}
     aliases = {name: first for name, first in aliases.items() if name != first}
-    full = {name: torch.empty_like(t) for name, t in state.items() if name not in aliases}
-    # Each distinct piece counts once: a tensor sharded over TP only is repeated in every EP file.
-    seen: dict[str, set] = {name: set() for name in full}
-    covered = dict.fromkeys(full, 0)
-    for path, blob in blobs:
-        for name, local in blob["model"].items():
-            if name in aliases:
-                continue
-            if name not in full:
-                raise ValueError(f"{path}: unexpected tensor {name!r} for model {model_section}")
-            pieces = tuple((s["dim"], s["start"], s["length"]) for s in blob["shards"].get(name, []))
-            if pieces in seen[name]:
-                continue
-            seen[name].add(pieces)
-            target = full[name]
-            for dim, start, length in pieces:  # narrow() gives views: the copy lands inside the full tensor
-                target = target.narrow(dim, start, length)
-            target.copy_(local)
-            covered[name] += local.numel()
-    missing = [name for name, n in covered.items() if n != full[name].numel()]
+    unexpected = sorted(set(fragments) - set(state))
+    if unexpected:
+        raise ValueError(f"{folder}: unexpected tensors {unexpected[:5]} for model {model_section}")
+    full, missing = {}, []
+    for name, like in state.items():
+        if name in aliases:
+            continue
+        tensor, held = assemble(fragments[name]) if name in fragments else (None, None)
+        if tensor is None or tensor.shape != like.shape or not held.all():
+            missing.append(name)
+        else:
+            full[name] = tensor
     if missing:
         raise ValueError(f"{folder}: the shard files do not cover {missing[:5]} (layout {shards.layout})")
     model.load_state_dict({**full, **{alias: full[first] for alias, first in aliases.items()}})

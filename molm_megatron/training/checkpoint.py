@@ -6,11 +6,12 @@ Layout of `checkpoint.dir`:
     step_00000100/                  one complete checkpoint
         rank_00000.pt ...           per global rank, its named pieces of state (`Stateful`s): the
                                     trainer's counters, DeepSpeed's counters, the ZeRO optimizer
-                                    partition (fp32 master weights, Adam moments), the LR scheduler,
-                                    the data loader's stream positions, the Transformer-XL memory,
-                                    the RNG states
+                                    partition as fragments of each parameter (fp32 master weights, Adam
+                                    moments, step; training/optimizer_state.py), the LR scheduler, the
+                                    data loader's stream positions, the Transformer-XL memory, the RNG
+                                    states
         model_tp00_ep000.pt ...     model weights, one file per distinct (TP rank, EP rank) shard
-                                    (ZeRO stages 1-2; stage 3 restores them from the fp32 partitions):
+                                    (ZeRO stages 1-2; stage 3's weights are its fp32 fragments):
                                     {"model": state dict, "shards": {name: [parallel.Shard as dict]}}
         meta.json                   step, parallel layout, the trained model's ModelConfig, the
                                     resolved job config, every file's size in bytes
@@ -33,9 +34,14 @@ never deleted. On resume a checkpoint whose files are damaged (truncated, unread
 size than meta.json says) is skipped for the newest one that loads, and moved aside to
 `step_N.damaged` so that it cannot shadow the new saves; when none loads the run is refused.
 
+A checkpoint of another layout (world size, TP, EP, DP, ZeRO stage) resumes when the caller of
+`restore` says how each piece moves (training/reshard.py): every rank then reads every rank file,
+memory-mapped, so that only the parts it needs are read from disk.
+
 Files are read with `torch.load(weights_only=True)`: tensors, containers, numbers and strings, plus
-the two DeepSpeed classes its optimizer state holds (`SAFE_GLOBALS`). A file that needs anything
-else to unpickle is refused: loading a checkpoint someone else made must not run their code.
+the DeepSpeed classes that the optimizer state of older checkpoints (DeepSpeed's own partition state
+dict) holds (`SAFE_GLOBALS`). A file that needs anything else to unpickle is refused: loading a
+checkpoint someone else made must not run their code.
 All ranks must see one shared file system.
 """
 
@@ -59,14 +65,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from molm_megatron.training.fragments import Fragment
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _MODEL_FILE = re.compile(r"^model_tp(\d{2})_ep(\d{3})\.pt$")
-# (module, class) that DeepSpeed's ZeRO optimizer state_dict pickles: its loss scaler (a float and a
-# bool inside), the fragment addresses of its flat partitions (two ints) and the stage (an int enum).
+# (module, class) that DeepSpeed's ZeRO optimizer state_dict, the optimizer piece of older checkpoints,
+# pickles: its loss scaler (a float and a bool inside), the fragment addresses of its flat partitions
+# (two ints) and the stage (an int enum).
 SAFE_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
                 ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
                 ("deepspeed.utils.tensor_fragment", "fragment_address"),
@@ -147,8 +156,9 @@ def _safe_globals() -> list:
     return out
 
 
-def read_file(path: str | Path, map_location: torch.device | str = "cpu") -> Any:
-    """One checkpoint file, read safely (module docstring); errors name the file.
+def read_file(path: str | Path, map_location: torch.device | str = "cpu", mmap: bool = False) -> Any:
+    """One checkpoint file, read safely (module docstring); errors name the file. With `mmap` its
+    tensors are mapped, not read: their bytes come from disk when used.
 
     DamagedCheckpoint for a truncated or corrupt file; ValueError for one that needs a Python
     object outside the allow-list (possibly malicious: nothing of it is executed).
@@ -157,7 +167,7 @@ def read_file(path: str | Path, map_location: torch.device | str = "cpu") -> Any
         raise DamagedCheckpoint(f"{path}: missing")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = str(e).split("WeightsUnpickler error: ")[-1].splitlines()[0]
         raise ValueError(f"{path}: refused to load: it needs a Python object outside the checkpoint allow-list "
@@ -253,6 +263,21 @@ class ModelShards:
         for path in self.files:
             yield path, read_file(path)
 
+    def fragments(self) -> dict[str, list[Fragment]]:
+        """Each tensor's shards, one per model file that holds it (files memory-mapped)."""
+        out: dict[str, list[Fragment]] = {}
+        for path in self.files:
+            blob = read_file(path, mmap=True)
+            for name, local in blob["model"].items():
+                out.setdefault(name, []).append(Fragment.saved(blob["shards"].get(name, []), local.shape, 0, local))
+        return out
+
+
+def read_rank_states(folder: str | Path, world_size: int) -> list[tuple[Path, dict]]:
+    """(path, contents) of every rank file of a step folder, in global rank order, memory-mapped."""
+    paths = [Path(folder) / rank_file(rank) for rank in range(world_size)]
+    return [(path, read_file(path, mmap=True)) for path in paths]
+
 
 def read_model_shards(checkpoint: str | Path) -> ModelShards:
     """The model files of a `checkpoint.dir` (its newest complete checkpoint) or of one step folder,
@@ -261,6 +286,18 @@ def read_model_shards(checkpoint: str | Path) -> ModelShards:
     meta = read_meta(folder)
     files = sorted(p for p in folder.iterdir() if _MODEL_FILE.match(p.name))
     return ModelShards(folder, saved_model_config(meta), meta["layout"], files)
+
+
+def _has_pieces(path: str | Path, state: dict, pieces: dict) -> dict:
+    """`state` (a rank file's contents) if it holds every piece, else DamagedCheckpoint naming the file."""
+    missing = [name for name in pieces if name not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{path}: no {missing} state (pieces: {sorted(state)})")
+    return state
+
+
+def _format_layout(layout: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(layout.items()))
 
 
 class CheckpointManager:
@@ -397,14 +434,14 @@ class CheckpointManager:
         return read_meta(self.folder(step))
 
     def check_layout(self, step: int) -> None:
-        """Refuse a checkpoint written with another parallel layout, naming both layouts."""
+        """Refuse a checkpoint written with another parallel layout, naming both layouts (`load` reads
+        this rank's own files, which only a checkpoint of this layout has; `restore` can reshard)."""
         saved = self.read_meta(step)["layout"]
         if saved != self.layout:
-            fmt = lambda d: ", ".join(f"{k}={v}" for k, v in sorted(d.items()))  # noqa: E731
             raise ValueError(
-                f"checkpoint {self.folder(step)} was saved with parallel layout "
-                f"({fmt(saved)}) but this run has ({fmt(self.layout)}); ZeRO and expert shards are not "
-                f"converted: restart with the saved layout, or point checkpoint.dir to a new folder")
+                f"checkpoint {self.folder(step)} was saved with parallel layout ({_format_layout(saved)}) but this "
+                f"run has ({_format_layout(self.layout)}); ZeRO and expert shards are not converted: restart with "
+                "the saved layout, or point checkpoint.dir to a new folder")
 
     def check_model(self, step: int, model_config: dict) -> None:
         """Refuse a checkpoint of another model (any ModelConfig field differs), naming each field."""
@@ -433,30 +470,35 @@ class CheckpointManager:
         return {name: read_file(os.path.join(self.folder(step), name), map_location) for name in names}
 
     def restore(self, pieces: dict[str, Stateful], model: Stateful | None, model_name: str | None,
-                model_config: dict) -> int | None:
+                model_config: dict, reshard: Callable[[list[dict]], dict[str, Any]] | None = None) -> int | None:
         """Load the newest checkpoint that reads on every rank into `pieces` (this rank's file) and
         `model` (its model file `model_name`, applied first); returns its step, None without one.
 
-        Another layout or model is refused (ValueError). Damaged checkpoints are passed over, with a
-        warning, for the newest older one that loads, and then moved aside (`.damaged`); when none
-        loads, ValueError lists them and nothing is moved. Nothing is applied before every file of
-        the chosen checkpoint has been read on every rank: no run trains on after a partial load.
+        A checkpoint of another layout is refused (ValueError naming both) unless `reshard` is given:
+        it gets every rank file's pieces, in global rank order, and returns this rank's state of each
+        piece to load (the model file is not read then: see training/reshard.py). Another model is
+        refused. Damaged checkpoints are passed over, with a warning, for the newest older one that
+        loads, and then moved aside (`.damaged`); when none loads, ValueError lists them and nothing is
+        moved. Nothing is applied before every file of the chosen checkpoint has been read (and, for
+        another layout, converted) on every rank: no run trains on after a partial load.
         """
         names = [rank_file(self.rank)] + ([model_name] if model_name else [])
         damaged: list[tuple[int, str]] = []
         for step in reversed(self.complete_steps()):
             problem = refusal = None
             try:
-                self.check_layout(step)
                 self.check_model(step, model_config)
-                # Onto the CPU: torch.set_rng_state takes a CPU tensor, and DeepSpeed/torch copy the
-                # rest to the parameters' device as they load it.
-                files = self.load(step, names, torch.device("cpu"))
-                state = files[names[0]]
-                missing = [n for n in pieces if n not in state]
-                if missing:
-                    raise DamagedCheckpoint(f"{os.path.join(self.folder(step), names[0])}: no {missing} state "
-                                            f"(pieces: {sorted(state)})")
+                saved_layout = self.read_meta(step)["layout"]
+                if saved_layout == self.layout or reshard is None:
+                    # Onto the CPU: torch.set_rng_state takes a CPU tensor, and DeepSpeed/torch copy
+                    # the rest to the parameters' device as they load it.
+                    files = self.load(step, names, torch.device("cpu"))
+                    state = _has_pieces(os.path.join(self.folder(step), names[0]), files[names[0]], pieces)
+                else:
+                    self._check_sizes(step)
+                    rank_states = [_has_pieces(path, saved, pieces)
+                                   for path, saved in read_rank_states(self.folder(step), saved_layout["world_size"])]
+                    files, state = {}, reshard(rank_states)
             except DamagedCheckpoint as e:
                 problem = str(e)
             except ValueError as e:  # another layout or model, an unsafe file: refused, not passed over
@@ -469,10 +511,14 @@ class CheckpointManager:
                 damaged.append((step, problem or "a file of another rank is damaged (that rank's log names it)"))
                 logger.warning("checkpoint %s cannot be loaded: %s", self.folder(step), damaged[-1][1])
                 continue
-            if model is not None:
+            if model is not None and model_name in files:
                 model.load_state_dict(files[model_name])
             for name, piece in pieces.items():
-                piece.load_state_dict(state[name])
+                if name in state:  # a resharded resume may leave a piece as the run built it
+                    piece.load_state_dict(state[name])
+            if saved_layout != self.layout and self.rank == 0:
+                logger.info("checkpoint %s was saved with parallel layout (%s): resharded to (%s)",
+                            self.folder(step), _format_layout(saved_layout), _format_layout(self.layout))
             if damaged:
                 if self.rank == 0:
                     for bad, _ in damaged:

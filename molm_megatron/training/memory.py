@@ -4,7 +4,9 @@ detached keys/values per layer and which of their positions are valid.
 Training, validation and perplexity evaluation each hold one `StreamMemory` and call, per window,
 `inputs(reset_B, T)` (what the model's `memory` and `attention_mask` take) then `remember(out.memory,
 mask)`. A row whose stream restarts (`reset_B`) has its memory masked out rather than dropped, so
-the rows of a batch keep one shape. State survives a checkpoint through state_dict/load_state_dict.
+the rows of a batch keep one shape. State survives a checkpoint through state_dict/load_state_dict,
+and follows its streams to another data-parallel layout (`rows_state`). Tensor-parallel ranks hold
+equal copies: attention experts, keys and values are replicated over them.
 
 Legend: B rows (streams), M memory tokens per row, T window tokens, S = M + T keys.
 """
@@ -64,3 +66,19 @@ class StreamMemory:
             k = k.to(self.device)
             self.kv.append((k, k if v is None else v.to(self.device)))
         self.valid_BM = state["valid"].to(self.device)
+
+
+def rows_state(states: list[dict], origins: list[tuple[int, int]]) -> dict:
+    """A `StreamMemory` state whose row b is row `origins[b][1]` of the saved state `states[origins[b][0]]`:
+    the memory of each stream, gathered from the ranks of another layout (the loader's `stream_origins`)."""
+    picked = [(states[i]["kv"], states[i]["valid"], row) for i, row in origins]
+    if any(kv is None for kv, _, _ in picked):  # saved before the first window, or after a reset
+        return {"kv": None, "valid": None}
+
+    def rows(n: int, j: int) -> torch.Tensor | None:  # layer n's keys (j = 0) or values (1), [B, M, nh, hs]
+        if picked[0][0][n][j] is None:  # values stored as None: they are the keys (state_dict)
+            return None
+        return torch.cat([layers[n][j][row:row + 1] for layers, _, row in picked])
+
+    return {"kv": [(rows(n, 0), rows(n, 1)) for n in range(len(picked[0][0]))],
+            "valid": torch.cat([valid[row:row + 1] for _, valid, row in picked])}

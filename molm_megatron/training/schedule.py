@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from molm_megatron.config import JobConfig
 
 
@@ -70,3 +72,34 @@ def lr_lambda(job: JobConfig):
     s = job.schedule
     decay = s.decay_steps or job.train.steps
     return lambda step: lr_at(step, 1.0, s.warmup_steps, decay, s.min_lr_ratio)
+
+
+class SchedulerState:
+    """The LR scheduler (torch LambdaLR over the ZeRO optimizer) as a checkpoint piece.
+
+    Loading also gives the optimizer's parameter groups the scheduler's last learning rates (the
+    optimizer piece holds fragments of tensors, no groups), and takes a checkpoint of another
+    layout, whose parameters may fall into another number of groups (expert parallelism gives the
+    experts their own): every group follows the one schedule from the same peak, so any saved
+    group's values serve every group here.
+    """
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        groups = self.scheduler.optimizer.param_groups
+        if len(state["base_lrs"]) != len(groups):
+            state = dict(state)
+            for key in ("base_lrs", "_last_lr"):
+                if len(set(state[key])) != 1:
+                    raise ValueError(f"scheduler state: {key} differs between the checkpoint's parameter groups "
+                                     f"({state[key]}), so this run's {len(groups)} groups cannot take it")
+                state[key] = state[key][:1] * len(groups)
+            state["lr_lambdas"] = [None] * len(groups)  # our schedule is a function: nothing of it is saved
+        self.scheduler.load_state_dict(state)
+        for group, lr in zip(groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr

@@ -41,8 +41,9 @@ from molm_megatron.training.microbatch import FusedMicrobatch, bf16_optimizer_of
 from molm_megatron.training.metrics import (MetricsLogger, Progress, expert_load_metrics, memory_metrics,
                                             peak_flops_per_device, require_wandb)
 from molm_megatron.training.optimizer import deepspeed_config, expert_params_as_moe, param_groups
-from molm_megatron.training.schedule import lr_lambda, plan_batch
-from molm_megatron.training.zero3 import Zero3Record
+from molm_megatron.training.optimizer_state import ZeroOptimizerState
+from molm_megatron.training.reshard import resharded_state
+from molm_megatron.training.schedule import SchedulerState, lr_lambda, plan_batch
 
 logger = logging.getLogger(__name__)
 
@@ -137,23 +138,6 @@ class EngineCounters:
             setattr(self.engine, key, state[key])
 
 
-class ZeroOptimizerState:
-    """This rank's ZeRO optimizer partition (fp32 master weights, Adam moments) as a checkpoint piece."""
-
-    def __init__(self, optimizer, dp_rank: int, dp_size: int):
-        self.optimizer, self.dp_rank, self.dp_size = optimizer, dp_rank, dp_size
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        # ZeRO indexes the list by this rank's position in its data-parallel group; the other
-        # entries are only read when the data-parallel size changed, which check_layout refuses.
-        partitions = [None] * self.dp_size
-        partitions[self.dp_rank] = state
-        self.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
-
-
 class Trainer:
     """Owns everything of a run; `train()` returns the process exit code (0, 75 preempted, 3 non-finite)."""
 
@@ -238,9 +222,9 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.memory = StreamMemory(self.device)
         # What a checkpoint holds, by name (each rank's file; loaded in this order, after the model).
-        self.pieces = {"optimizer": ZeroOptimizerState(self.engine.optimizer, self.groups.dp_rank, dp_size),
-                       "scheduler": self.scheduler, "engine": EngineCounters(self.engine), "trainer": self,
-                       "loader": self.loader, "memory": self.memory, "rng": RNGState()}
+        self.pieces = {"optimizer": ZeroOptimizerState(self.engine, self.groups.dp_rank, dp_size),
+                       "scheduler": SchedulerState(self.scheduler), "engine": EngineCounters(self.engine),
+                       "trainer": self, "loader": self.loader, "memory": self.memory, "rng": RNGState()}
 
         layout = {"world_size": self.world_size, "tensor_parallel_size": job.parallel.tensor_parallel_size,
                   "expert_parallel_size": job.parallel.expert_parallel_size, "data_parallel_size": dp_size,
@@ -268,7 +252,7 @@ class Trainer:
 
     def _model_file(self) -> str | None:
         """This rank's model-weights file: its (TP rank, EP rank) shard's; none in ZeRO-3, whose
-        fp32 partitions restore the weights."""
+        weights are the fp32 masters of the optimizer piece."""
         if self.job.parallel.zero_stage == 3:
             return None
         return model_file(self.groups.tp_rank, self.groups.ep_rank)
@@ -291,7 +275,9 @@ class Trainer:
         if self.checkpoints is None:
             return
         model = ModelState(self.engine.module) if self._model_file() else None
-        step = self.checkpoints.restore(self.pieces, model, self._model_file(), self.spec.config)
+        step = self.checkpoints.restore(
+            self.pieces, model, self._model_file(), self.spec.config,
+            reshard=lambda rank_states: resharded_state(rank_states, self.pieces["optimizer"], self.loader))
         if step is not None and self.rank == 0:
             logger.info("resumed from %s at step %d", self.checkpoints.directory, self.step)
 
@@ -300,12 +286,7 @@ class Trainer:
             return
         # The first rank of each distinct (TP rank, EP rank) shard writes it.
         writes_model = self._model_file() is not None and self.groups.edp_rank == 0
-        pieces = self.pieces
-        if self.job.parallel.zero_stage == 3:
-            # What the converter needs to rebuild full weights from the fp32 partitions alone (saved,
-            # never loaded: resume restores from the optimizer piece).
-            pieces = {**pieces, "zero3": Zero3Record(self.engine, self.groups)}
-        self.checkpoints.save_state(self.step, pieces, ModelState(self.engine.module) if writes_model else None,
+        self.checkpoints.save_state(self.step, self.pieces, ModelState(self.engine.module) if writes_model else None,
                                     self._model_file(), self.job.to_dict(), self.spec.config)
 
     def _all_ranks(self, ok: bool) -> bool:

@@ -130,11 +130,13 @@ def test_continual_learning_freezes_old_tensors_and_trains_new_rows(single_runs,
     folder = single_runs["continual"] / "ckpt" / f"step_{STEPS:08d}"
     trained = torch.load(folder / "model_tp00_ep000.pt", weights_only=True)["model"]
     check_frozen_and_new(trained, start)
-    # ZeRO's fp32 master partition holds exactly the trainable tensors (the embedding and head
-    # whole: their old rows' gradients are masked), none of the frozen ones.
-    optimizer = torch.load(folder / "rank_00000.pt", weights_only=False)["optimizer"]
-    inserted = sum(p.numel() for name, p in start.named_parameters() if name.endswith(".new_weight"))
-    assert sum(t.numel() for t in optimizer["single_partition_of_fp32_groups"]) == inserted + 2 * vocab * 64
+    # ZeRO's fp32 masters hold exactly the trainable tensors (the embedding and head whole: their
+    # old rows' gradients are masked), none of the frozen ones.
+    fragments = torch.load(folder / "rank_00000.pt", weights_only=True)["optimizer"]["fragments"]
+    new_weights = {name for name, _ in start.named_parameters() if name.endswith(".new_weight")}
+    assert set(fragments) == new_weights | {"transformer.wte.weight", "lm_head.weight"}
+    inserted = sum(p.numel() for name, p in start.named_parameters() if name in new_weights)
+    assert sum(f["fp32"].numel() for f in fragments.values()) == inserted + 2 * vocab * 64
     trainable = inserted + 2 * 16 * 64
     log = (single_runs["continual"] / "log.txt").read_text()
     assert f"trainable parameters {trainable:,} of {start.num_params():,}" in log
