@@ -35,9 +35,11 @@ def save_hf_folder(tok: Tokenizer, out_dir: str | Path, eos_token: str, tokenize
                                   overwrite)
 
 
-def write_hf_files(tok: Tokenizer, folder: Path, eos_token: str, tokenizer_class: str) -> None:
-    """The files of a Hugging Face tokenizer folder, written into the existing `folder`."""
-    special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
+def write_hf_files(tok: Tokenizer, folder: Path, eos_token: str, tokenizer_class: str,
+                   bos_token: str | None = None, unk_token: str | None = None) -> None:
+    """The files of a Hugging Face tokenizer folder, written into the existing `folder`; bos and unk
+    default to the eos token (GPT-2's convention)."""
+    special = {"bos_token": bos_token or eos_token, "eos_token": eos_token, "unk_token": unk_token or eos_token}
     config = {
         "tokenizer_class": tokenizer_class,
         **special,

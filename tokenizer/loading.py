@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 from tokenizer.codegen import (CODEGEN_TOKENIZER_CLASS, EOS_ID, EOS_TOKEN, WHITESPACE_TOKENS, codegen_tokenizer,
                                gpt2_vocab_and_merges)
 from tokenizer.folder import TOKENIZER_FILES, eos_token_of, write_hf_files
+from tokenizer.sentencepiece_hf import sentencepiece_to_hf
 
 CODEGEN = "codegen"
 """Name accepted wherever a tokenizer folder is: the built-in CodeGen tokenizer, built in memory."""
@@ -189,7 +190,9 @@ def load_tokenizer(path: str | Path, backend: str = "auto") -> TextTokenizer:
 
 def copy_tokenizer_files(path: str | Path, dest: Path) -> None:
     """Write the tokenizer `path` (a folder, or "codegen") into the existing folder `dest`, beside
-    other files (a model export): a Hugging Face folder's files are copied, CodeGen's written."""
+    other files (a model export), so that `transformers.AutoTokenizer` loads it from there: a Hugging
+    Face folder's files are copied, CodeGen's written, and a SentencePiece folder's `tokenizer.model`
+    copied with the Hugging Face files made from it (tokenizer/sentencepiece_hf.py)."""
     if str(path) == CODEGEN:
         write_hf_files(codegen_tokenizer(), dest, EOS_TOKEN, CODEGEN_TOKENIZER_CLASS)
         return
@@ -198,3 +201,8 @@ def copy_tokenizer_files(path: str | Path, dest: Path) -> None:
         raise ValueError(f"tokenizer {path}: no {', '.join(TOKENIZER_FILES)} in it (or use {CODEGEN!r})")
     for name in names:
         shutil.copyfile(Path(path) / name, dest / name)
+    if names == ["tokenizer.model"]:
+        sp = SentencePieceTokenizer(Path(path) / "tokenizer.model").sp
+        write_hf_files(sentencepiece_to_hf(Path(path) / "tokenizer.model"), dest, sp.id_to_piece(sp.eos_id()),
+                       "PreTrainedTokenizerFast", bos_token=sp.id_to_piece(sp.bos_id()),
+                       unk_token=sp.id_to_piece(sp.unk_id()))
