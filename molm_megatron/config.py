@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 AUX_LOSS_TYPES = ("mi", "switch")
+ATTENTION_TYPES = ("stickbreaking", "softmax_rope")
 
 
 @dataclass
@@ -58,6 +59,12 @@ class ModelConfig:
     n_new_mlp_experts: int = 0
     """The last n MLP experts of every layer are inserted experts (continual learning), stored as
     separate parameters so they can train while the old ones stay frozen."""
+    attention: str = "stickbreaking"
+    """How the MoA heads attend over the shared keys/values: 'stickbreaking' (published MoLM, no positional
+    encoding) or 'softmax_rope' (the paper's baseline: causal softmax with rotary position embedding on queries
+    and keys, memory keys included; not in the published Hugging Face format)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding's frequencies (attention 'softmax_rope')."""
     activation_function: str = "gelu_new"
     """MLP expert activation; the published models use GELU with the tanh approximation."""
     sample_topk: int = 0
@@ -119,6 +126,14 @@ class ModelConfig:
         if not 0 <= self.sample_topk <= min(self.k_att, self.k_mlp):
             raise ValueError(f"model.sample_topk ({self.sample_topk}) must be in [0, min(k_att ({self.k_att}), "
                              f"k_mlp ({self.k_mlp}))]")
+        if self.attention not in ATTENTION_TYPES:
+            raise ValueError(f"model.attention ({self.attention!r}) must be one of {ATTENTION_TYPES}")
+        if self.attention == "softmax_rope" and self.head_size % 2:
+            # Rotary embedding turns pairs of head dimensions.
+            raise ValueError(f"model.attention 'softmax_rope' needs an even head size; model.att_hidden "
+                             f"({self.att_hidden}) / model.n_head ({self.n_head}) = {self.head_size}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"model.rope_theta must be positive, got {self.rope_theta}")
         if self.aux_loss_type not in AUX_LOSS_TYPES:
             raise ValueError(f"model.aux_loss_type ({self.aux_loss_type!r}) must be one of {AUX_LOSS_TYPES}")
         if self.gate_type != "mlp":
@@ -431,7 +446,8 @@ FINETUNE_TRAINABLE = ("all", "new")
 # vocabulary growth, pruning and layer dropping change them through their own settings and commands).
 SHAPE_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "att_hidden", "ffd_hidden", "gating_size",
                 "n_att_experts", "n_mlp_experts", "n_att_experts_per_layer", "n_mlp_experts_per_layer",
-                "n_new_att_experts", "n_new_mlp_experts", "activation_function", "gate_type", "tie_word_embeddings")
+                "n_new_att_experts", "n_new_mlp_experts", "activation_function", "gate_type", "tie_word_embeddings",
+                "attention", "rope_theta")
 
 
 @dataclass

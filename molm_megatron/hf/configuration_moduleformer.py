@@ -18,7 +18,8 @@ CONFIG_DEFAULTS = {
     "vocab_size": 50295, "block_size": 512, "history_length": 512, "n_embd": 1024, "n_layer": 24,
     "n_head": 1, "att_hidden": 1024, "ffd_hidden": 2048, "gating_size": 256, "n_att_experts": 16,
     "k_att": 2, "n_mlp_experts": 32, "k_mlp": 2, "n_att_experts_per_layer": [], "n_mlp_experts_per_layer": [],
-    "n_new_att_experts": 0, "n_new_mlp_experts": 0, "activation_function": "gelu_new", "sample_topk": 0,
+    "n_new_att_experts": 0, "n_new_mlp_experts": 0, "attention": "stickbreaking", "rope_theta": 10000.0,
+    "activation_function": "gelu_new", "sample_topk": 0,
     "aux_loss_type": "mi", "aux_loss_weight": 0.0, "concentration_loss_weight": 0.0, "z_loss_weight": 0.0,
     "routing_reg_weight": 0.0, "gate_type": "mlp", "embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0,
     "moe_pdrop": 0.0, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 50256,
@@ -26,10 +27,11 @@ CONFIG_DEFAULTS = {
 }
 """Every field with its default (ModelConfig's). Per-layer counts (a pruned model) include inserted
 experts (continual learning), which the published tensors hold as their last rows."""
-OPTIONAL_SHAPE_FIELDS = ("n_att_experts_per_layer", "n_mlp_experts_per_layer", "n_new_att_experts",
-                         "n_new_mlp_experts")
-"""Shape fields the published config.json does not have: written only when set, so a uniform model
-without inserted experts exports the published config; absent on load, they take their defaults."""
+OPTIONAL_FIELDS = ("n_att_experts_per_layer", "n_mlp_experts_per_layer", "n_new_att_experts", "n_new_mlp_experts",
+                   "attention", "rope_theta")
+"""Fields the published config.json does not have: written only when set, so a uniform model without
+inserted experts exports the published config; absent on load, they take their defaults. (`attention`
+other than stick-breaking is refused by the export and by the standalone modeling code.)"""
 PRETRAINED_CONFIG_FIELDS = ("bos_token_id", "eos_token_id", "tie_word_embeddings")
 """Fields that PretrainedConfig itself owns."""
 REQUIRED_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "att_hidden", "ffd_hidden", "gating_size",
@@ -73,7 +75,7 @@ class ModuleFormerConfig(PretrainedConfig):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        for name in OPTIONAL_SHAPE_FIELDS:
+        for name in OPTIONAL_FIELDS:
             if name in out and out[name] == CONFIG_DEFAULTS[name]:
                 del out[name]
         return out

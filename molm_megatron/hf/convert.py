@@ -77,6 +77,11 @@ def export_hf(model: MoLM, out_dir: str | Path, dtype: torch.dtype | None = None
     `out_dir` ends up complete or unchanged; an earlier export there is replaced only with
     `overwrite`; a folder holding anything else, or holding a `protect` path, never.
     """
+    if model.config.attention != "stickbreaking":
+        raise ValueError(f"model.attention {model.config.attention!r} has no Hugging Face export: the published "
+                         "ModuleFormer format (and the export's own modeling code) has stick-breaking attention "
+                         "only; evaluate the training checkpoint folder directly (python -m molm_megatron.eval ... "
+                         "--model CHECKPOINT_DIR)")
     check_folder_target(out_dir, EXPORT, EXPORT_FILES, overwrite, protect)
     cfg = model.config
     if tokenizer is not None:

@@ -242,6 +242,9 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
 
     def build_layers(self, config: ModuleFormerConfig) -> tuple[nn.Module, nn.Module]:
         """The `transformer` (embedding, blocks, final norm) and the untied `lm_head`."""
+        if config.attention != "stickbreaking":
+            raise ValueError(f"config.json: attention {config.attention!r}: this code implements the published "
+                             "stick-breaking attention only; load the model with molm_megatron installed")
         return ModuleFormerModel(config), nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     def run_layers(self, input_ids, attention_mask, memory):

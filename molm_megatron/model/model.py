@@ -7,6 +7,8 @@ References:
 - Zhang et al., "Mixture of Attention Heads", 2022 (MoA: routed query/output projections with
   shared keys and values).
 - Dai et al., "Transformer-XL", 2019 (the previous segment's keys/values as memory).
+- Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021 (the softmax
+  baseline's positions, `attention: softmax_rope`; ModuleFormer's Table 4 compares against it).
 
 Parallelism is applied from outside (molm_megatron/parallel): nothing here communicates. Where
 tensor or expert parallelism may shard a weight, sizes are read from the tensor, not the config.
@@ -223,11 +225,54 @@ def config_router(cfg: ModelConfig, num_experts: int, num_new_experts: int, k: i
                   dropout=cfg.moe_pdrop, sample_topk=cfg.sample_topk)
 
 
+def rotary_embedding(x_BHLD: torch.Tensor, positions_L: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate the pairs of dimensions (j, j + hs/2) of each vector by the angle position * theta^(-2j/hs)
+    (RoFormer's rotation in GPT-NeoX's half-split layout), in at least fp32 (bf16 angles of positions
+    in the thousands are off by whole radians); returns x's dtype."""
+    hs = x_BHLD.shape[-1]
+    x = at_least_fp32(x_BHLD)
+    inv_freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=x.dtype) / hs)
+    angles_LJ = positions_L.to(x.dtype)[:, None] * inv_freq[None, :]  # (L, hs/2)
+    cos_LD, sin_LD = angles_LJ.cos().repeat(1, 2), angles_LJ.sin().repeat(1, 2)  # (L, hs)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
+
+
+def softmax_rope_attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor,
+                           key_mask_BS: torch.Tensor | None, theta: float, dropout: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention with rotary positions: the baseline of `attention: softmax_rope`.
+
+    Same layout as molm_kernels.stickbreaking_attention: the T queries are the last T of the S key
+    positions (memory first), query head h reads key/value head h // (H / G). Keys are rotated here
+    at positions 0..S-1 and queries at S-T..S-1, so the memory holds unrotated keys and only
+    distances matter. Masked keys get no weight.
+    """
+    T, S = q_BHTD.shape[2], k_BGSD.shape[2]
+    pos_S = torch.arange(S, device=q_BHTD.device)
+    q_BHTD = rotary_embedding(q_BHTD, pos_S[S - T:], theta)
+    k_BGSD = rotary_embedding(k_BGSD, pos_S, theta)
+    gqa = q_BHTD.shape[1] != k_BGSD.shape[1]
+    if key_mask_BS is None and T == S:
+        return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSD, dropout_p=dropout, is_causal=True,
+                                              enable_gqa=gqa)
+    causal_TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T)
+    allowed = causal_TS[None, None]
+    if key_mask_BS is not None:
+        # A query whose visible keys are all masked (a padding query) keeps its own key: its row stays
+        # finite (a NaN would reach real tokens through its value); real queries never see masked keys.
+        self_TS = pos_S[None, :] == pos_S[S - T:, None]
+        allowed = allowed & (key_mask_BS[:, None, None, :].bool() | self_TS)
+    return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSD, attn_mask=allowed, dropout_p=dropout,
+                                          enable_gqa=gqa)
+
+
 class MoA(nn.Module):
     """Mixture of stick-breaking attention heads with shared keys and values.
 
     Each chosen expert e_r gives a query q_r = Wq[e_r] x (nh heads); head h of every chosen expert
-    attends over the shared key/value head h; y = sum_r g_r Wo[e_r] o_r.
+    attends over the shared key/value head h; y = sum_r g_r Wo[e_r] o_r. With `attention:
+    softmax_rope` the heads attend by causal softmax with rotary positions instead (the baseline).
     """
 
     def __init__(self, cfg: ModelConfig, num_experts: int):
@@ -243,6 +288,7 @@ class MoA(nn.Module):
             self.v_proj = nn.Linear(cfg.n_embd, cfg.att_hidden)
         self.n_head = cfg.n_head
         self.attn_pdrop = cfg.attn_pdrop
+        self.attention, self.rope_theta = cfg.attention, cfg.rope_theta
 
     def forward(
         self,
@@ -275,8 +321,13 @@ class MoA(nn.Module):
         # Query heads ordered (h, r) so that query head h*K + r reads kv head h: grouped-query
         # layout, the K chosen experts share one K/V without copies.
         q = q_N.view(B, T, K, nh, hs).permute(0, 3, 2, 1, 4).reshape(B, nh * K, T, hs)
-        o = molm_kernels.stickbreaking_attention(q, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2), key_mask_BS,
-                                            self.attn_pdrop, self.training)  # (B, nh*K, T, hs)
+        k_BHSD, v_BHSD = k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2)
+        if self.attention == "softmax_rope":
+            o = softmax_rope_attention(q, k_BHSD, v_BHSD, key_mask_BS, self.rope_theta,
+                                       self.attn_pdrop if self.training else 0.0)
+        else:
+            o = molm_kernels.stickbreaking_attention(q, k_BHSD, v_BHSD, key_mask_BS, self.attn_pdrop,
+                                                     self.training)  # (B, nh*K, T, hs)
         o_N = o.view(B, nh, K, T, hs).permute(0, 3, 2, 1, 4).reshape(B * T * K, nh * hs)
 
         # Second half: per-expert output projection and gated merge.
@@ -320,8 +371,9 @@ class MoLMOutput:
 
 
 class MoLMTransformer(nn.Module):
-    """Embedding, blocks and final norm; no positional encoding of any kind (stick-breaking
-    attention is order-aware by itself). Its keys are the published `transformer.*`."""
+    """Embedding, blocks and final norm; no positional encoding besides the attention's own
+    (stick-breaking attention is order-aware by itself; the softmax baseline rotates its queries and
+    keys). Its keys are the published `transformer.*`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -87,3 +87,74 @@ def test_bad_shapes_are_refused():
     q, k, v = _inputs(1, 3, 2, 4, 4, 4)
     with pytest.raises(ValueError, match="query heads \\(3\\) must be a multiple of key/value heads \\(2\\)"):
         stickbreaking_attention_reference(q, k, v)
+
+
+# ---- the softmax + RoPE baseline (model.attention: softmax_rope) ----------------------------------
+
+
+def rope_as_complex(x, position, theta):
+    """RoFormer's rotation written as complex multiplication: the pair (x_j, x_{j + D/2}) is the
+    complex number x_j + i x_{j + D/2}, multiplied by exp(i * position * theta^(-2j/D))."""
+    D = x.shape[-1]
+    z = torch.complex(x[: D // 2], x[D // 2:])
+    freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    z = z * torch.polar(torch.ones_like(freq), position * freq)
+    return torch.cat([z.real, z.imag])
+
+
+def naive_softmax_rope(q, k, v, key_mask=None, theta=10000.0):
+    """Per query: scores against every unmasked key at or before it (positions: keys 0..S-1, queries
+    the last T), exp-normalised, weighted sum of the values. A query without such keys (padding)
+    is left at zero: its output is unspecified."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    r = H // G
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                pos = S - T + i
+                qi = rope_as_complex(q[b, h, i], pos, theta)
+                keys = [j for j in range(pos + 1) if key_mask is None or key_mask[b, j]]
+                if not keys:
+                    continue
+                scores = torch.stack([qi @ rope_as_complex(k[b, h // r, j], j, theta) / math.sqrt(D) for j in keys])
+                weights = torch.exp(scores - scores.max())
+                weights = weights / weights.sum()
+                out[b, h, i] = sum(w * v[b, h // r, j] for w, j in zip(weights, keys))
+    return out
+
+
+@pytest.mark.parametrize("B,H,G,T,S,D", [(2, 2, 2, 7, 7, 4), (1, 4, 2, 5, 9, 6), (2, 2, 1, 1, 6, 8)])
+def test_softmax_rope_matches_naive_loop_values_and_gradients(B, H, G, T, S, D):
+    from molm_megatron.model.model import softmax_rope_attention
+
+    q, k, v = _inputs(B, H, G, T, S, D, seed=7)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, :2] = False  # left padding / reset memory on row 0
+    for key_mask in (None, mask):
+        # Rows of queries that see no unmasked key (padding) are compared nowhere: weight 0.
+        seen = torch.ones(B, 1, T, 1, dtype=torch.float64)
+        if key_mask is not None:
+            seen[:, 0, :, 0] = key_mask.cumsum(1)[:, S - T:] > 0
+        ours = softmax_rope_attention(q, k, v, key_mask, theta=100.0)
+        ref = naive_softmax_rope(q, k, v, key_mask, theta=100.0)
+        torch.testing.assert_close(ours * seen, ref, rtol=1e-10, atol=1e-12)
+        w = torch.randn_like(ref) * seen
+        g_ours = torch.autograd.grad((ours * w).sum(), (q, k, v))
+        g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        for a, b in zip(g_ours, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_softmax_rope_depends_on_distances_only_and_padding_queries_stay_finite():
+    from molm_megatron.model.model import softmax_rope_attention
+
+    q, k, v = _inputs(1, 2, 2, 4, 4, 4, seed=9)
+    # Three masked keys in front shift every position by 3 and change nothing.
+    pad = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    mask = torch.tensor([[False] * 3 + [True] * 4])
+    shifted = softmax_rope_attention(torch.cat([pad, q], 2), torch.cat([pad, k], 2), torch.cat([pad, v], 2), mask,
+                                     theta=10000.0)
+    torch.testing.assert_close(shifted[:, :, 3:], softmax_rope_attention(q, k, v, None, theta=10000.0))
+    assert torch.isfinite(shifted).all()  # the padding queries see only masked keys

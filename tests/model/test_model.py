@@ -293,3 +293,39 @@ def test_router_with_a_custom_scorer_and_unit_gates():
     out = router(x)
     assert torch.equal(out.experts_TK, (x @ centroids_ED.T).topk(3, dim=-1).indices)
     assert torch.equal(out.gates_TK, torch.ones(5, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-multihead"])
+def test_softmax_rope_memory_padding_and_decoding_equal_the_full_forward(preset):
+    """The baseline attention keeps the model's contracts: memory, reset rows, left padding and the
+    cache give the full forward's logits (rotary positions are relative, so shifts change nothing)."""
+    model = make(preset, attention="softmax_rope")
+    ids = torch.randint(0, 512, (2, 24))
+    full = model(ids).logits
+    first = model(ids[:, :10], memory_length=32)
+    torch.testing.assert_close(model(ids[:, 10:], memory=first.memory, memory_length=32).logits, full[:, 10:])
+    reset = torch.tensor([[0] * 10 + [1] * 14, [1] * 24])
+    out = model(ids[:, 10:], attention_mask=reset, memory=first.memory)
+    torch.testing.assert_close(out.logits[0], model(ids[:1, 10:]).logits[0])
+    padded = torch.cat([torch.zeros(2, 4, dtype=torch.long), ids[:, :10]], 1)
+    out = model(padded, attention_mask=torch.tensor([[0] * 4 + [1] * 10] * 2))
+    torch.testing.assert_close(out.logits[:, 4:], full[:, :10])
+    assert torch.isfinite(out.logits).all()
+    step = model(ids[:, :5], memory_length=100)
+    for t in range(5, 12):
+        step = model(ids[:, t:t + 1], memory=step.memory, memory_length=100)
+        torch.testing.assert_close(step.logits[:, 0], full[:, t])
+    assert not torch.allclose(full, make(preset).forward(ids).logits)  # a different attention, same weights
+
+
+def test_softmax_rope_config_errors_and_export_refusal(tmp_path):
+    from molm_megatron.hf.convert import export_hf
+
+    with pytest.raises(ValueError, match=r"model.attention \('softmax'\) must be one of \('stickbreaking', "
+                                         r"'softmax_rope'\)"):
+        model_preset("tiny", attention="softmax")
+    with pytest.raises(ValueError, match=r"needs an even head size; model.att_hidden \(66\) / model.n_head \(2\) = 33"):
+        model_preset("tiny-multihead", attention="softmax_rope", att_hidden=66)
+    with pytest.raises(ValueError, match="model.attention 'softmax_rope' has no Hugging Face export"):
+        export_hf(make(attention="softmax_rope"), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
