@@ -146,7 +146,6 @@ def lm_eval_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, obj
 
 
 def perplexity_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, object]]]:
-    from molm_megatron.eval.harness import MoLMHarnessLM
     from molm_megatron.eval.perplexity import rolling_perplexity, segment_perplexity, split_documents
 
     try:
@@ -160,6 +159,10 @@ def perplexity_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, 
     counter = expert_counter(args, model)
     results, rows = {}, []
     if args.protocol in ("both", "rolling"):
+        # Imported here: lm-evaluation-harness takes seconds to import, which the segment protocol alone
+        # does not need.
+        from molm_megatron.eval.harness import MoLMHarnessLM
+
         # The harness scores its windows with our adapter; expert counts come from the segment
         # protocol alone when both run, so each token is counted once.
         lm = MoLMHarnessLM(model, batch_size=args.batch_size, max_length=args.max_length,

@@ -9,23 +9,29 @@ import torch
 from molm_kernels import stickbreaking_attention_reference
 
 
-def naive_stickbreaking(q, k, v, key_mask=None):
-    """Walk each query's keys from nearest to farthest, breaking off sigmoid(l) of what is left."""
-    B, H, T, D = q.shape
+def each_query(q, k):
+    """(b, h, i, position, key/value head) of every query: the T queries are the last T of the S
+    positions, query head h reads key/value head h // (H / G)."""
+    B, H, T, _ = q.shape
     G, S = k.shape[1], k.shape[2]
-    r = H // G
-    out = torch.zeros(B, H, T, D, dtype=torch.float64)
     for b in range(B):
         for h in range(H):
             for i in range(T):
-                pos = S - T + i
-                remaining = torch.tensor(1.0, dtype=torch.float64)
-                for j in range(pos, -1, -1):
-                    if key_mask is not None and not key_mask[b, j]:
-                        continue  # a masked key takes nothing and lets everything through
-                    beta = torch.sigmoid(q[b, h, i] @ k[b, h // r, j] / math.sqrt(D))
-                    out[b, h, i] += beta * remaining * v[b, h // r, j]
-                    remaining = remaining * (1 - beta)
+                yield b, h, i, S - T + i, h // (H // G)
+
+
+def naive_stickbreaking(q, k, v, key_mask=None):
+    """Walk each query's keys from nearest to farthest, breaking off sigmoid(l) of what is left."""
+    D = q.shape[-1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, h, i, pos, g in each_query(q, k):
+        remaining = torch.tensor(1.0, dtype=torch.float64)
+        for j in range(pos, -1, -1):
+            if key_mask is not None and not key_mask[b, j]:
+                continue  # a masked key takes nothing and lets everything through
+            beta = torch.sigmoid(q[b, h, i] @ k[b, g, j] / math.sqrt(D))
+            out[b, h, i] += beta * remaining * v[b, g, j]
+            remaining = remaining * (1 - beta)
     return out
 
 
@@ -106,22 +112,16 @@ def naive_softmax_rope(q, k, v, key_mask=None, theta=10000.0):
     """Per query: scores against every unmasked key at or before it (positions: keys 0..S-1, queries
     the last T), exp-normalised, weighted sum of the values. A query without such keys (padding)
     is left at zero: its output is unspecified."""
-    B, H, T, D = q.shape
-    G, S = k.shape[1], k.shape[2]
-    r = H // G
-    out = torch.zeros(B, H, T, D, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for i in range(T):
-                pos = S - T + i
-                qi = rope_as_complex(q[b, h, i], pos, theta)
-                keys = [j for j in range(pos + 1) if key_mask is None or key_mask[b, j]]
-                if not keys:
-                    continue
-                scores = torch.stack([qi @ rope_as_complex(k[b, h // r, j], j, theta) / math.sqrt(D) for j in keys])
-                weights = torch.exp(scores - scores.max())
-                weights = weights / weights.sum()
-                out[b, h, i] = sum(w * v[b, h // r, j] for w, j in zip(weights, keys))
+    D = q.shape[-1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, h, i, pos, g in each_query(q, k):
+        keys = [j for j in range(pos + 1) if key_mask is None or key_mask[b, j]]
+        if not keys:
+            continue
+        qi = rope_as_complex(q[b, h, i], pos, theta)
+        scores = torch.stack([qi @ rope_as_complex(k[b, g, j], j, theta) / math.sqrt(D) for j in keys])
+        weights = torch.exp(scores - scores.max())
+        out[b, h, i] = sum(w * v[b, g, j] for w, j in zip(weights / weights.sum(), keys))
     return out
 
 

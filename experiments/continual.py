@@ -1,0 +1,102 @@
+"""Experiment 2 (ModuleFormer, Tables 5-6): learning a new language by inserting experts, against
+forgetting.
+
+    python -m experiments.continual --data build/experiments_data --out OUT/continual --scale gpu
+
+`pretrain.py` trains a base model on English: code and prose (equal weights). `finetune.py` then
+continues on German alone (the hardest case for forgetting) for the same number of steps and at
+the same learning rate in every arm:
+
+- `frozen`: no training (the base model itself);
+- `full`: full fine-tuning (launch/configs/finetune_full.yaml);
+- `inserted_reg<w>`: new MLP and attention experts in every layer with the partially trainable
+  router, everything else frozen (launch/configs/finetune_continual.yaml), routing regularisation
+  weight w (`Scale.routing_reg_weights`).
+
+The dense LoRA baseline of the paper needs finetune.py to start from a dense Hugging Face model
+(with `finetune.lora_*`); it is not part of this experiment until finetune.py accepts one.
+
+Each model's perplexity on held-out English prose and code (stability: lower is less forgetting)
+and held-out German (plasticity) comes from `python -m molm_megatron.eval perplexity` (segments
+with memory, the training protocol).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments.common import (Context, experiment_main, figure, finetune_args, last_value, perplexity_args,
+                                perplexity_of, pretrain_args, read_metrics)
+
+OLD, NEW = ("prose", "code"), "german"
+
+
+def arms(ctx: Context) -> dict[str, tuple[str, dict, dict]]:
+    """Fine-tuning arm -> (recipe, finetune fields, model fields)."""
+    s = ctx.scale
+    out = {"full": ("full", {"trainable": "all"}, {})}
+    for w in s.routing_reg_weights:
+        out[f"inserted_reg{w:g}"] = ("continual", {"insert_mlp_experts": s.insert_mlp_experts,
+                                                   "insert_att_experts": s.insert_att_experts, "trainable": "new"},
+                                     {"routing_reg_weight": w})
+    return out
+
+
+def run(ctx: Context) -> dict:
+    s, runner = ctx.scale, ctx.runner
+    seed = s.seeds[0]
+    base = ctx.out / "runs" / "base"
+    runner.run("base", pretrain_args(s, ctx.vocab_size, base, [ctx.train(d) for d in OLD], [1.0] * len(OLD), seed,
+                                     {"attention": "stickbreaking"}))
+    models = {"frozen": base / "checkpoints"}
+    finetunes = {}
+    if (base / "checkpoints" / "latest").exists():
+        for name, (recipe, finetune, model) in arms(ctx).items():
+            finetunes[name] = finetune_args(recipe, s, base / "checkpoints", ctx.out / "runs" / name,
+                                            [ctx.train(NEW)], [1.0], seed, finetune, model)
+            models[name] = ctx.out / "runs" / name / "checkpoints"
+    runner.run_many(finetunes)
+    runner.run_many({f"{name}_{domain}": perplexity_args(s, path, ctx.heldout_text(domain), ctx.tokenizer,
+                                                         ctx.out / "eval" / f"{name}_{domain}")
+                     for name, path in models.items() if (path / "latest").exists() for domain in (*OLD, NEW)})
+    results = {}
+    for name in models:
+        metrics = read_metrics(ctx.out / "runs" / name) if name != "frozen" else []
+        results[name] = {
+            "settings": arms(ctx).get(name, ("none", {}, {})),
+            "final_step": last_value(metrics, "step"),
+            "new_share": new_share(metrics),
+            "ppl": {domain: perplexity_of(ctx.out / "eval" / f"{name}_{domain}") for domain in (*OLD, NEW)},
+        }
+    return {"arms": results, "old_domains": list(OLD), "new_domain": NEW, "seed": seed}
+
+
+def new_share(metrics: list[dict]) -> float | None:
+    """Mean over MLP routers of the last logged share of assignments routed to inserted experts."""
+    last = next((m for m in reversed(metrics) if any(k.endswith("mlpf/new_share") for k in m)), None)
+    if last is None:
+        return None
+    values = [v for k, v in last.items() if k.endswith("mlpf/new_share")]
+    return sum(values) / len(values)
+
+
+def plot(results: dict, path) -> None:
+    with figure(path, figsize=(7, 5)) as (_, ax):
+        for name, r in results["arms"].items():
+            old = [r["ppl"][d] for d in results["old_domains"]]
+            new = r["ppl"][results["new_domain"]]
+            if new is None or None in old:
+                continue
+            ax.scatter(sum(old) / len(old), new, s=40)
+            ax.annotate(name, (sum(old) / len(old), new), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set(xscale="log", yscale="log", title="continual learning: lower left is better",
+               xlabel=f"old domains ({', '.join(results['old_domains'])}): mean held-out perplexity (stability)",
+               ylabel=f"new domain ({results['new_domain']}): held-out perplexity (plasticity)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return experiment_main("continual", __doc__, run, plot, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
