@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -64,6 +65,7 @@ class Scale:
     finetune_lr: float
     seeds: tuple[int, ...]
     jobs: int  # product commands an experiment runs at once
+    eval_domains: tuple[str, ...]  # held-out sets that experiments 2 and 5 score every model on
     eval_batch_size: int
     budget_s: float  # run_all's default wall-clock budget for every experiment together
     split: str  # data.split of every training run: train, validation, test shares of each domain's documents
@@ -83,6 +85,10 @@ class Scale:
     prune_shares: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
     stats_batches: int = 50
     humaneval: bool = False
+    # experiment 2's dense LoRA baseline and experiment 5 (EMoE)
+    lora_rank: int = 8
+    emoe_experts: int = 16
+    emoe_top_k: int = 4
 
 
 # The paper's Table 4 rows: stick-breaking + MI (ModuleFormer), without a balancing loss, with the
@@ -103,7 +109,8 @@ CPU = Scale(
     model={"n_embd": 128, "att_hidden": 128, "ffd_hidden": 512, "n_layer": 4, "n_att_experts": 8,
            "n_mlp_experts": 16, "gating_size": 64, "block_size": 64, "history_length": 64},
     steps=150, micro_batch_size=8, lr=2e-3, warmup_steps=15, eval_interval=25, eval_steps=4,
-    finetune_steps=60, finetune_lr=1e-3, seeds=(0,), jobs=1, eval_batch_size=8, budget_s=3 * 3600,
+    finetune_steps=60, finetune_lr=1e-3, seeds=(0,), jobs=1, eval_domains=("code", "prose", "german"),
+    eval_batch_size=8, budget_s=3 * 3600,
     split="95,5,0", parallel_lanes=False,
     attention_variants=dict(ATTENTION_VARIANTS), extrapolation=(1, 2, 4), insert_mlp_experts=4,
     insert_att_experts=2, routing_reg_weights=(0.0, 0.1, 1.0), prune_shares=(0.9, 0.75, 0.6, 0.45, 0.3),
@@ -119,7 +126,7 @@ SCALES = {
         attention_variants={k: ATTENTION_VARIANTS[k] for k in ("stickbreaking_mi", "softmax_rope_mi")},
         extrapolation=(2,), insert_mlp_experts=2, insert_att_experts=1, routing_reg_weights=(0.1,),
         pruning_finetunes=("concentration",), prune_norms=("max",), drop_modes=("uniform",), prune_shares=(0.8,),
-        stats_batches=2),
+        stats_batches=2, eval_domains=("code",)),
     "cpu": CPU,
     # One H200 for 7.5 minutes in all, the experiments at once and up to 5 commands each (small models
     # are host-bound, so they share the GPU well): d = 256, 4 layers, 256-token segments with 256
@@ -247,6 +254,38 @@ def finetune_args(recipe: str, scale: Scale, init_from: Path, run_dir: Path, dat
             *train_flags(scale, run_dir, data, weights, scale.finetune_steps, seed)]
 
 
+def dense_folder(out: Path, scale: Scale, tokenizer: Path, vocab_size: int, eod_id: int, seed: int) -> Path:
+    """A randomly initialised GPT-2 of the MoLM model's active size per token, with the data's tokenizer,
+    as a Hugging Face folder: the starting point of the dense models we train (finetune.py takes dense
+    folders). Per layer GPT-2's 4 d^2 attention equals MoLM's k_att query and output projections of
+    width d, and its MLP of width k_mlp x ffd_hidden the k_mlp chosen experts."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from molm_megatron.config import model_preset
+
+    cfg = model_preset(scale.preset, **scale.model, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    gpt2 = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=max(1, cfg.n_embd // 64), n_inner=cfg.k_mlp * cfg.ffd_hidden, bos_token_id=eod_id,
+                      eos_token_id=eod_id, tie_word_embeddings=False)
+    GPT2LMHeadModel(gpt2).save_pretrained(out)
+    for f in tokenizer.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+def dense_pretrain_args(scale: Scale, init_from: Path, run_dir: Path, data: list[Path], weights: list[float],
+                        seed: int) -> list[str]:
+    """finetune.py training a dense Hugging Face model from `init_from` with the pretraining's schedule,
+    learning rate, batch and steps (launch/configs/finetune_emoe.yaml, full training)."""
+    return ["finetune.py", "--config", "launch/configs/finetune_emoe.yaml", "--finetune.init_from", str(init_from),
+            "--model.block_size", str(scale.model["block_size"]), "--optimizer.lr", str(scale.lr),
+            "--schedule.warmup_steps", str(min(scale.warmup_steps, scale.steps)), "--schedule.min_lr_ratio", "0.1",
+            *train_flags(scale, run_dir, data, weights, scale.steps, seed)]
+
+
 def perplexity_args(scale: Scale, model: Path, text: Path, tokenizer: Path, out: Path,
                     segment_length: int | None = None, memory_length: int | None = None) -> list[str]:
     """The product's Transformer-XL segment perplexity (pretrain.py's validation protocol) of a text."""
@@ -369,6 +408,12 @@ class Context:
     @property
     def tokenizer(self) -> Path:
         return self.data / "tokenizer"
+
+    @property
+    def eod_id(self) -> int:
+        """The data's end-of-document id (data_prep's record of its tokenizer)."""
+        domain = next(iter(self.manifest["domains"]))
+        return json.loads((self.data / f"train_{domain}.json").read_text())["eod_id"]
 
     def train(self, domain: str) -> Path:
         """The indexed training set of a domain (experiments.data)."""

@@ -11,10 +11,11 @@ the same learning rate in every arm:
 - `full`: full fine-tuning (launch/configs/finetune_full.yaml);
 - `inserted_reg<w>`: new MLP and attention experts in every layer with the partially trainable
   router, everything else frozen (launch/configs/finetune_continual.yaml), routing regularisation
-  weight w (`Scale.routing_reg_weights`).
-
-The dense LoRA baseline of the paper needs finetune.py to start from a dense Hugging Face model
-(with `finetune.lora_*`); it is not part of this experiment until finetune.py accepts one.
+  weight w (`Scale.routing_reg_weights`);
+- the paper's dense baseline: a GPT-2 of the same active size per token (experiments.common.dense_folder)
+  pretrained by `finetune.py` on the same English data with the same schedule (`dense_frozen`), then
+  fine-tuned fully (`dense_full`, launch/configs/finetune_emoe.yaml) or with LoRA of rank
+  `Scale.lora_rank` on its attention projections (`dense_lora`, finetune_emoe_lora.yaml).
 
 Each model's perplexity on held-out English prose and code (stability: lower is less forgetting)
 and held-out German (plasticity) comes from `python -m molm_megatron.eval perplexity` (segments
@@ -23,10 +24,11 @@ with memory, the training protocol).
 
 from __future__ import annotations
 
+import shutil
 import sys
 
-from experiments.common import (Context, experiment_main, figure, finetune_args, last_value, perplexity_args,
-                                perplexity_of, pretrain_args, read_metrics)
+from experiments.common import (Context, dense_folder, dense_pretrain_args, experiment_main, figure, finetune_args,
+                                last_value, perplexity_args, perplexity_of, pretrain_args, read_metrics)
 
 OLD, NEW = ("prose", "code"), "german"
 
@@ -42,28 +44,41 @@ def arms(ctx: Context) -> dict[str, tuple[str, dict, dict]]:
     return out
 
 
+def dense_arms(ctx: Context) -> dict[str, tuple[str, dict, dict]]:
+    """The dense baselines of the same active size: full fine-tuning and LoRA (peft), as arms."""
+    block = {"block_size": ctx.scale.model["block_size"]}
+    return {"dense_full": ("emoe", {}, block), "dense_lora": ("emoe_lora", {"lora_rank": ctx.scale.lora_rank}, block)}
+
+
 def run(ctx: Context) -> dict:
     s, runner = ctx.scale, ctx.runner
     seed = s.seeds[0]
-    base = ctx.out / "runs" / "base"
-    runner.run("base", pretrain_args(s, ctx.vocab_size, base, [ctx.train(d) for d in OLD], [1.0] * len(OLD), seed,
-                                     {"attention": "stickbreaking"}))
-    models = {"frozen": base / "checkpoints"}
+    base, dense_base = ctx.out / "runs" / "base", ctx.out / "runs" / "dense_base"
+    init = ctx.out / "dense_init"
+    shutil.rmtree(init, ignore_errors=True)
+    dense_folder(init, s, ctx.tokenizer, ctx.vocab_size, ctx.eod_id, seed)
+    old = [ctx.train(d) for d in OLD]
+    runner.run_many({"base": pretrain_args(s, ctx.vocab_size, base, old, [1.0] * len(OLD), seed, {}),
+                     "dense_base": dense_pretrain_args(s, init, dense_base, old, [1.0] * len(OLD), seed)})
+    models = {"frozen": base / "checkpoints", "dense_frozen": dense_base / "checkpoints"}
     finetunes = {}
-    if (base / "checkpoints" / "latest").exists():
-        for name, (recipe, finetune, model) in arms(ctx).items():
-            finetunes[name] = finetune_args(recipe, s, base / "checkpoints", ctx.out / "runs" / name,
+    for start, group in ((base, arms(ctx)), (dense_base, dense_arms(ctx))):
+        if not (start / "checkpoints" / "latest").exists():
+            continue
+        for name, (recipe, finetune, model) in group.items():
+            finetunes[name] = finetune_args(recipe, s, start / "checkpoints", ctx.out / "runs" / name,
                                             [ctx.train(NEW)], [1.0], seed, finetune, model)
             models[name] = ctx.out / "runs" / name / "checkpoints"
     runner.run_many(finetunes)
+    domains = [d for d in (*OLD, NEW) if d in s.eval_domains]
     runner.run_many({f"{name}_{domain}": perplexity_args(s, path, ctx.heldout_text(domain), ctx.tokenizer,
                                                          ctx.out / "eval" / f"{name}_{domain}")
-                     for name, path in models.items() if (path / "latest").exists() for domain in (*OLD, NEW)})
+                     for name, path in models.items() if (path / "latest").exists() for domain in domains})
     results = {}
     for name in models:
-        metrics = read_metrics(ctx.out / "runs" / name) if name != "frozen" else []
+        metrics = read_metrics(ctx.out / "runs" / name) if not name.endswith("frozen") else []
         results[name] = {
-            "settings": arms(ctx).get(name, ("none", {}, {})),
+            "settings": {**arms(ctx), **dense_arms(ctx)}.get(name, ("none", {}, {})),
             "final_step": last_value(metrics, "step"),
             "new_share": new_share(metrics),
             "ppl": {domain: perplexity_of(ctx.out / "eval" / f"{name}_{domain}") for domain in (*OLD, NEW)},

@@ -75,7 +75,7 @@ def run(ctx: Context) -> dict:
     seed = s.seeds[0]
     base = ctx.out / "runs" / "base"
     runner.run("base", pretrain_args(s, ctx.vocab_size, base, [ctx.train(d) for d in DOMAINS], [1.0] * len(DOMAINS),
-                                     seed, {"attention": "stickbreaking"}))
+                                     seed, {}))
     if not (base / "checkpoints" / "latest").exists():
         return {"error": "the base model did not train; see logs/base.log"}
     finetunes = finetune_arms(s)

@@ -19,9 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("attention", "modularity", "continual", "pruning")
+EXPERIMENTS = ("attention", "modularity", "continual", "pruning", "emoe")
 TITLES = {"attention": "Attention and load balancing", "modularity": "Domain modularity",
-          "continual": "Inserting experts vs forgetting", "pruning": "Pruning"}
+          "continual": "Inserting experts vs forgetting", "pruning": "Pruning", "emoe": "EMoE vs dense fine-tuning"}
 
 
 def num(x, digits: int = 4) -> str:
@@ -119,8 +119,15 @@ def data_section(manifest: dict) -> str:
                              rows)) + "\n"
 
 
+def emoe_table(r: dict) -> list[str]:
+    header = ["arm", *[f"{d} ppl ({'in domain' if d == r['task'] else 'out of domain'})" for d in r["domains"]]]
+    return table(header, [[arm, *[spread(by[d]) for d in r["domains"]]] for arm, by in r["arms"].items()]) + [
+        "", f"EMoE: {r['top_k']} of {r['experts']} experts per token in every other FFN layer; mean ± std over the "
+            "fine-tuning seeds."]
+
+
 TABLES = {"attention": attention_table, "modularity": modularity_table, "continual": continual_table,
-          "pruning": pruning_table}
+          "pruning": pruning_table, "emoe": emoe_table}
 
 
 def section(name: str, record: dict, figure: str | None) -> str:

@@ -5,7 +5,7 @@ one does not stop the others. Then write the result tables (python -m experiment
     bash experiments/run_all.sh gpu build/experiments_data OUT          # the same
 
 Lanes (experiments.common.Scale.parallel_lanes: at once on a GPU, one after the other on a CPU):
-attention then modularity (which reuses attention's checkpoints), continual, pruning. Each gets
+attention then modularity (which reuses attention's checkpoints), continual, pruning, emoe. Each gets
 its share of the budget; a command still running at its experiment's deadline is stopped (the
 trainers save a checkpoint first) and the results say so. `--archive FILE` packs everything but
 the weights into one .tar.gz (results, plots, logs, metrics).
@@ -26,8 +26,8 @@ from pathlib import Path
 from experiments.common import REPO, SCALES, product_env
 
 # Experiments in lanes; a lane runs its experiments in order. Budget shares of the whole run.
-LANES = (("attention", "modularity"), ("continual",), ("pruning",))
-BUDGET_SHARE = {"attention": 0.75, "modularity": 0.25, "continual": 1.0, "pruning": 1.0}
+LANES = (("attention", "modularity"), ("continual",), ("pruning",), ("emoe",))
+BUDGET_SHARE = {"attention": 0.75, "modularity": 0.25, "continual": 1.0, "pruning": 1.0, "emoe": 1.0}
 WEIGHT_SUFFIXES = (".pt", ".safetensors", ".bin", ".idx")
 
 
