@@ -1,6 +1,6 @@
 """The experiment scripts: their text helpers against hand-made cases, the runner's deadline, the
 report's blocks, and one smoke run of every experiment through the product's commands (a few
-steps each, on real text of this machine, about 2-4 minutes on 2 cores)."""
+steps each, on real text of this machine; about 40 commands, 3-5 minutes on 2 cores)."""
 
 import json
 import os
@@ -90,13 +90,14 @@ def test_every_experiment_runs_end_to_end_at_the_smoke_scale(smoke):
     data, out, done = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "run_all.json").read_text())
-    assert set(summary["experiments"]) == {"attention", "modularity", "continual", "pruning"}
+    assert set(summary["experiments"]) == {"attention", "modularity", "continual", "pruning", "emoe"}
     for name in summary["experiments"]:
         record = json.loads((out / name / "results.json").read_text())
         assert record["runs"] and all(r["rc"] == 0 for r in record["runs"]), name
         assert (out / name / f"{name}.png").stat().st_size > 0
     report = (out / "EXPERIMENTS_results.md").read_text()
-    for title in ("Attention and load balancing", "Domain modularity", "Inserting experts vs forgetting", "Pruning"):
+    for title in ("Attention and load balancing", "Domain modularity", "Inserting experts vs forgetting", "Pruning",
+                  "EMoE vs dense fine-tuning"):
         assert title in report
 
 
@@ -125,6 +126,13 @@ def test_smoke_results_are_what_the_product_wrote(smoke):
     continual = json.loads((out / "continual" / "results.json").read_text())
     inserted = [a for name, a in continual["results"]["arms"].items() if name.startswith("inserted")]
     assert inserted and all(0 < a["new_share"] < 1 for a in inserted)
+    # Experiments 2 and 5: the dense arms ran; the EMoE shipped dense is a plain GPT-2 folder.
+    assert all(continual["results"]["arms"][a]["ppl"]["code"] for a in ("dense_frozen", "dense_full", "dense_lora"))
+    emoe = json.loads((out / "emoe" / "results.json").read_text())
+    assert all(by["code"]["mean"] for by in emoe["results"]["arms"].values())
+    shipped = json.loads((out / "emoe" / "emoe_shipped_dense_s0" / "config.json").read_text())
+    assert shipped["model_type"] == "gpt2" and "emoe" not in shipped
+    assert "emoe" in json.loads((out / "emoe" / "base_emoe" / "config.json").read_text())
     # Experiment 4: one KL value per ordered pair of the three domains.
     modularity = json.loads((out / "modularity" / "results.json").read_text())
     for m in modularity["results"]["models"].values():
