@@ -128,17 +128,16 @@ SCALES = {
         pruning_finetunes=("concentration",), prune_norms=("max",), drop_modes=("uniform",), prune_shares=(0.8,),
         stats_batches=2, eval_domains=("code",)),
     "cpu": CPU,
-    # One H200 for 7.5 minutes in all, the experiments at once and up to 5 commands each (small models
+    # One H200 for 7.5 minutes in all, the experiments at once and up to 4 commands each (small models
     # are host-bound, so they share the GPU well): d = 256, 4 layers, 256-token segments with 256
     # tokens of memory, 8192 tokens per step.
     "gpu": dataclasses.replace(
         CPU, name="gpu",
         model={**CPU.model, "n_embd": 256, "att_hidden": 256, "ffd_hidden": 1024, "gating_size": 128,
                "block_size": 256, "history_length": 256},
-        steps=600, micro_batch_size=32, lr=1e-3, warmup_steps=50, eval_interval=100, eval_steps=8,
-        finetune_steps=200, finetune_lr=5e-4, seeds=(0, 1), jobs=5, budget_s=450, parallel_lanes=True,
-        routing_reg_weights=(0.0, 0.01, 0.1, 1.0), prune_shares=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
-        stats_batches=100, humaneval=True),
+        steps=500, micro_batch_size=32, lr=1e-3, warmup_steps=50, eval_interval=100, eval_steps=8,
+        finetune_steps=200, finetune_lr=5e-4, seeds=(0, 1), jobs=4, budget_s=450, parallel_lanes=True,
+        routing_reg_weights=(0.0, 0.01, 0.1, 1.0), stats_batches=100, humaneval=True),
 }
 
 
