@@ -222,11 +222,11 @@ def flags(section: str, fields: dict) -> list[str]:
             for flag in (f"--{section}.{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
-def train_flags(scale: Scale, run_dir: Path, data: list[Path], weights: list[float], steps: int, seed: int,
-                micro_batch_size: int | None = None) -> list[str]:
+def train_flags(scale: Scale, run_dir: Path, data: list[Path], weights: list[float], steps: int,
+                seed: int) -> list[str]:
     """Flags shared by pretrain.py and finetune.py runs: data, batch, validation, checkpoint, metrics."""
     return ["--data.prefixes", *map(str, data), "--data.weights", *map(str, weights), "--data.split", scale.split,
-            "--train.steps", str(steps), "--train.micro_batch_size", str(micro_batch_size or scale.micro_batch_size),
+            "--train.steps", str(steps), "--train.micro_batch_size", str(scale.micro_batch_size),
             "--train.global_batch_tokens", "0", "--train.seed", str(seed),
             "--train.eval_interval", str(min(scale.eval_interval, steps)), "--train.eval_steps", str(scale.eval_steps),
             "--checkpoint.dir", str(run_dir / "checkpoints"), "--checkpoint.interval", str(steps),
