@@ -443,13 +443,16 @@ def experiment_main(name: str, doc: str, run, plot, argv: list[str] | None, add_
     p.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock seconds for the whole experiment; "
                    "commands still running then are stopped (trainers save first), later ones skipped")
     p.add_argument("--jobs", type=int, default=None, help="commands at once (default: the scale's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the scale's)")
     if add_args is not None:
         add_args(p)
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
+    if args.seeds:
+        scale = dataclasses.replace(scale, seeds=tuple(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.out / "logs", args.jobs or scale.jobs, time.monotonic() + args.budget_s)
-    common = {"data", "out", "scale", "budget_s", "jobs"}
+    common = {"data", "out", "scale", "budget_s", "jobs", "seeds"}
     ctx = Context(args.data, args.out, scale, runner, read_manifest(args.data),
                   {k: v for k, v in vars(args).items() if k not in common})
     try:
