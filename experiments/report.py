@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def problems(record: dict) -> list[str]:
             out.append(f"`{r['name']}` skipped: the time budget was spent")
         elif r["rc"] == 75:
             out.append(f"`{r['name']}` stopped at the time budget (checkpoint saved; fewer steps than planned)")
+        elif r["rc"] == -signal.SIGTERM:
+            out.append(f"`{r['name']}` stopped at the time budget before it finished")
         elif r["rc"] != 0:
             out.append(f"`{r['name']}` failed with exit code {r['rc']} (log: {Path(r['log']).name})")
     if "error" in record["results"]:
