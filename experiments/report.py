@@ -118,7 +118,7 @@ def data_section(manifest: dict) -> str:
     rows = [[d, m["source"], f"{m['train_documents']} / {m['heldout_documents']}", f"{m['train_tokens']:,}",
              f"{m['heldout_tokens']:,}"] for d, m in manifest["domains"].items()]
     return "\n".join([f"Data of the `{manifest['scale']}` scale (vocabulary {manifest['vocab_size']}):", ""]
-                     + table(["domain", "source", "documents train / held out", "training tokens", "held-out tokens"],
+                     + table(["domain", "source", "source documents train / held out", "training tokens", "held-out tokens"],
                              rows)) + "\n"
 
 
