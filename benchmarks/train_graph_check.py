@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from molm_megatron.training.checkpoint import read_model_shards
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["--model.preset", "molm-350m-4b", "--model.n_layer", "2", "--data.prefixes", "build/bench_data/stdlib",
            "--data.split", "100,0,0", "--train.micro_batch_size", "8", "--train.global_batch_tokens", "16384",
@@ -38,9 +40,8 @@ def train(out: Path, flags: list[str]) -> tuple[dict[int, dict], dict[str, torch
     if code:
         raise SystemExit(f"{' '.join(cmd)} exited {code}; see {out / 'log.txt'}")
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-    latest = (out / "ckpt" / "latest").read_text().strip()
-    weights = torch.load(out / "ckpt" / latest / "model_tp00_ep000.pt", weights_only=True)["model"]
-    return rows, weights
+    (_, state), = read_model_shards(out / "ckpt")  # one process: one model file, the newest checkpoint's
+    return rows, state["model"]
 
 
 def rel(a: float | torch.Tensor, b: float | torch.Tensor) -> float:

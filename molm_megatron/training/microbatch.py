@@ -78,19 +78,16 @@ class FusedMicrobatch:
         """The model's output for the micro-batch, its gradients of
         `(lm_loss_sum * scale + aux_loss) / grad_accum_steps` added to the fp32 buffers. Logging
         steps (`collect`) compute every aux loss and the expert counts."""
-        graph = None
-        if self.cuda_graph and memory is not None:
-            graph = self.graphs.get((collect, memory[0][0].shape[1]))
-        if graph is not None:
-            out, present = graph.replay(input_ids, labels, mask_BS, memory, scale)
+        key = (collect, memory[0][0].shape[1]) if self.cuda_graph and memory is not None else None
+        if key in self.graphs:
+            out, present = self.graphs[key].replay(input_ids, labels, mask_BS, memory, scale)
         else:
             out, present = self._forward_backward(self.model, self.params, self.hp_grads, input_ids, labels, mask_BS,
                                                   memory, scale, collect)
-            if self.cuda_graph and memory is not None:
+            if key is not None:
                 # This eager run compiled and autotuned every kernel the capture records, the
                 # accumulating ones included, on real buffers; the next micro-batch replays.
-                self.graphs[(collect, memory[0][0].shape[1])] = self._capture(input_ids, labels, mask_BS, memory,
-                                                                              collect)
+                self.graphs[key] = self._capture(input_ids, labels, mask_BS, memory, collect)
         flags = self.optimizer.fp32_groups_has_gradients
         for (i, j), has in zip(self.slots, present):
             if has:

@@ -264,11 +264,10 @@ class Trainer:
         if t.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"train.cuda_graph needs a CUDA device; train.device {t.device!r} resolved to "
                              f"{self.device.type}")
-        if not bf16_optimizer_of(self.engine):
-            if t.cuda_graph:
-                raise ValueError("train.cuda_graph needs bf16 with parallel.zero_stage 1; train.precision "
-                                 f"{t.precision!r} resolved to {'bf16' if self.bf16 else 'fp32'}")
+        if not bf16_optimizer_of(self.engine) and not t.cuda_graph:
             return None
+        # With train.cuda_graph, JobConfig.validate required bf16 with ZeRO-1 (and the device check
+        # above a resolved CUDA device); FusedMicrobatch refuses any other optimizer.
         return FusedMicrobatch(self.engine, self.plan.grad_accum_steps, t.cuda_graph)
 
     def _maybe_resume(self) -> None:
