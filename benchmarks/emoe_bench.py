@@ -5,8 +5,11 @@
    (d 2048, d_ff 8192) and Llama-7B (d 4096, d_ff 11008) shapes. CPU-bound (k-means-constrained).
 2. Forward + backward of one FFN of those shapes over `--tokens` tokens: the dense Hugging Face
    MLP, the EMoE layer's sparse computation (only the chosen experts, scattered-expert kernels) and
-   its masked computation (the reference), at k = N/4 (and a sparse-vs-masked output check). bf16
-   on CUDA, CUDA-event timings (median after warm-up); on CPU fp32 and wall-clock (smoke test).
+   its masked computation (the reference), at k = N/4 (and a sparse-vs-masked check of the output
+   and every gradient). bf16
+   on CUDA, CUDA-event timings (median after warm-up), eager and as a CUDA-graph replay (the
+   same work without the host's launch overhead, which the sparse path's ~20 launches make
+   visible in an FFN timed alone); on CPU fp32 and wall-clock (smoke test).
 
 The clustering is CPU work (about 40 s per GPT-2-XL-shaped layer on one busy core); on a GPU
 machine run the FFN part alone (`--skip-cluster`) when its time is short.
@@ -67,6 +70,19 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def graph_timed(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, device: torch.device,
+                reps: int) -> float:
+    """Median milliseconds of replaying one captured forward + backward (input and parameter
+    gradients) of module."""
+    from molm_kernels.bench import capture
+
+    inputs = [x, *module.parameters()]
+    graph, _ = capture(lambda: torch.autograd.grad(module(x), inputs, dy))
+    ms = timed(graph.replay, device, reps)
+    del graph
+    return ms
+
+
 def bench_cluster(shapes: dict, experts: int, n_init: int, max_iter: int) -> list[dict]:
     from molm_megatron.emoe.cluster import balanced_kmeans
 
@@ -106,20 +122,31 @@ def bench_ffn(shapes: dict, experts: int, tokens: int, device: torch.device, rep
 
         row = dict(shape=name, arch=arch, d=d, d_ff=d_ff, experts=experts, k=k, tokens=tokens, dtype=str(dtype))
         row["dense_ms"] = timed(lambda: step(dense), device, reps)
+        if device.type == "cuda":
+            row["dense_graph_ms"] = graph_timed(dense, x, dy, device, reps)
         for computation in ("sparse", "masked"):
             emoe.set_routing(k, computation)
             row[f"{computation}_ms"] = timed(lambda: step(emoe), device, reps)
-        with torch.no_grad():
-            emoe.set_routing(k, "masked")
-            y_masked = emoe(x).float()
-            emoe.set_routing(k, "sparse")
-            y_sparse = emoe(x).float()
-        row["sparse_vs_masked_rel_err"] = ((y_sparse - y_masked).norm() / y_masked.norm()).item()
+            if device.type == "cuda":
+                row[f"{computation}_graph_ms"] = graph_timed(emoe, x, dy, device, reps)
+        outputs = {}
+        for computation in ("masked", "sparse"):
+            emoe.set_routing(k, computation)
+            step(emoe)
+            outputs[computation] = [emoe(x).detach(), x.grad] + [p.grad for p in emoe.parameters()]
+        # The worst relative error over the output and every gradient (input, weights, biases).
+        row["sparse_vs_masked_rel_err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                              for a, b in zip(outputs["sparse"], outputs["masked"], strict=True))
         row["sparse_speedup_vs_dense"] = round(row["dense_ms"] / row["sparse_ms"], 2)
+        graphs = ""
+        if device.type == "cuda":
+            row["sparse_graph_speedup_vs_dense_graph"] = round(row["dense_graph_ms"] / row["sparse_graph_ms"], 2)
+            graphs = (f"; CUDA-graph replay: dense {row['dense_graph_ms']:.2f}, sparse {row['sparse_graph_ms']:.2f}, "
+                      f"masked {row['masked_graph_ms']:.2f} ms")
         rows.append(row)
         print(f"ffn {name}: dense {row['dense_ms']:.2f} ms, sparse {row['sparse_ms']:.2f} ms, masked "
-              f"{row['masked_ms']:.2f} ms (k={k}/{experts}, {tokens} tokens, fwd+bwd); sparse/masked rel err "
-              f"{row['sparse_vs_masked_rel_err']:.1e}", flush=True)
+              f"{row['masked_ms']:.2f} ms (k={k}/{experts}, {tokens} tokens, fwd+bwd){graphs}; sparse/masked worst "
+              f"rel err {row['sparse_vs_masked_rel_err']:.1e}", flush=True)
         del dense, emoe, x, dy
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -134,10 +161,13 @@ def print_table(results: dict) -> None:
                   f"{r['seconds_per_layer']} |")
     if results.get("ffn"):
         print("\n| FFN shape | tokens | k / N | dense ms | EMoE sparse ms | EMoE masked ms | sparse speed-up "
-              "| sparse vs masked |\n|---|---|---|---|---|---|---|---|")
+              "| graph replay: dense / sparse / masked ms | speed-up | sparse vs masked |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
         for r in results["ffn"]:
+            graphs = (f"{r['dense_graph_ms']:.2f} / {r['sparse_graph_ms']:.2f} / {r['masked_graph_ms']:.2f} | "
+                      f"{r['sparse_graph_speedup_vs_dense_graph']}x" if "dense_graph_ms" in r else "- | -")
             print(f"| {r['shape']} | {r['tokens']} | {r['k']} / {r['experts']} | {r['dense_ms']:.2f} | "
-                  f"{r['sparse_ms']:.2f} | {r['masked_ms']:.2f} | {r['sparse_speedup_vs_dense']}x | "
+                  f"{r['sparse_ms']:.2f} | {r['masked_ms']:.2f} | {r['sparse_speedup_vs_dense']}x | {graphs} | "
                   f"{r['sparse_vs_masked_rel_err']:.1e} |")
 
 

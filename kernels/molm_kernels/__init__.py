@@ -60,14 +60,15 @@ def parallel_linear(
     grouped_in: bool = False,
     grouped_out: bool = False,
     gates_TK: torch.Tensor | None = None,
+    bias_EO: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scattered expert matmul; see molm_kernels.scattered_experts_reference for semantics and shapes.
     CUDA tensors run the Triton kernels."""
     if x.is_cuda:
         from molm_kernels.scattered_experts import parallel_linear_triton
 
-        return parallel_linear_triton(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK)
-    return parallel_linear_reference(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK)
+        return parallel_linear_triton(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK, bias_EO)
+    return parallel_linear_reference(x, w_EIO, k, routing, grouped_in, grouped_out, gates_TK, bias_EO)
 
 
 def scattered_mlp(
@@ -86,7 +87,7 @@ def scattered_mlp(
     h_e(x) = act(W1[e] x + b1[e]), or act(W1[e] x + b1[e]) * (W3[e] x) in the GLU form (w3 given:
     Llama's SwiGLU); biases optional. See
     molm_kernels.scattered_experts_reference.scattered_mlp_reference. CUDA tensors run the Triton
-    kernels (gelu_new and the biases fused into the matmuls)."""
+    kernels (the activation and the biases fused into the matmuls; the GLU form composes them)."""
     if x_TI.is_cuda:
         from molm_kernels.scattered_experts import scattered_mlp_triton
 

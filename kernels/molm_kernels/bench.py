@@ -217,7 +217,7 @@ def check_experts(N_tokens=8192, E=32, K=2, d=1024, ffd=2048, dtype=torch.bfloat
 def check_expert_forms(N_tokens=4096, E=64, K=16, d=1024, ffd=64, dtype=torch.bfloat16):
     """The expert MLP forms dense-model FFNs need (EMoE's shapes: 64 experts of ffd = d_ff / 64,
     k = 16), bf16 against the fp32 reference, output and every gradient: gelu_new with per-expert
-    biases (GPT-2; fused), exact gelu with biases (GPT-NeoX; Triton composition), SwiGLU (Llama;
+    biases (GPT-2; fused), exact gelu with biases (GPT-NeoX; fused), SwiGLU (Llama; Triton composition:
     gate/up/down), each with the weights as transposed views of [E, out, in] storage, as EMoE
     passes an nn.Linear's weight."""
     import molm_kernels

@@ -40,6 +40,9 @@ def _mm_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        # Narrow outputs (EMoE's experts of 100-200 neurons): 64 columns waste less of a last tile.
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     ]
 
@@ -53,6 +56,9 @@ def _xty_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=5),
+        # Narrow expert widths as I or O (EMoE's 100-200 neurons).
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     ]
 
@@ -84,28 +90,50 @@ def _find_block(OFFSETS, mblk, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     return tl.where(valid, e, -1), start, end
 
 
-@triton.jit
-def _gelu_new(x):
-    """GPT-2's gelu_new, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written as
-    x * sigmoid(2u) (the same function: (1 + tanh u) / 2 = sigmoid(2u)); fp32 in and out."""
-    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+# The activations fused into the first matmul's epilogue (constexpr ACT), by config name.
+ACT_CODES = {"gelu_new": 0, "gelu": 1, "relu": 2, "silu": 3}
 
 
 @triton.jit
-def _gelu_new_grad(x):
-    """d gelu_new / dx = s + x s (1 - s) 2 u'(x), s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
-    s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-    return s + x * s * (1.0 - s) * (1.5957691216057308 * (1.0 + 0.134145 * x * x))
+def _activation(x, ACT: tl.constexpr):
+    """act(x) on fp32 (ACT_CODES). gelu_new = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+    written as x * sigmoid(2u) (the same function: (1 + tanh u) / 2 = sigmoid(2u)); gelu is the
+    exact 0.5 x (1 + erf(x / sqrt 2)); silu = x * sigmoid(x)."""
+    if ACT == 0:
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(0.7071067811865476 * x))
+    elif ACT == 2:
+        return tl.where(x > 0, x, 0.0)
+    else:
+        return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _activation_grad(x, ACT: tl.constexpr):
+    """d act / dx on fp32. gelu_new: s + x s (1 - s) 2 u'(x), s = sigmoid(2u),
+    u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2); gelu: Phi(x) + x phi(x); relu: [x > 0] (torch's
+    choice at 0); silu: s (1 + x (1 - s)), s = sigmoid(x)."""
+    if ACT == 0:
+        s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        return s + x * s * (1.0 - s) * (1.5957691216057308 * (1.0 + 0.134145 * x * x))
+    elif ACT == 1:
+        return 0.5 * (1.0 + tl.math.erf(0.7071067811865476 * x)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACT == 2:
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
 
 
 # Epilogues of `_scatter_mm_kernel` (constexpr EPILOGUE); with HAS_BIAS, acc includes BIAS[e].
 EPI_PLAIN = 0  # Y = scale * acc
-EPI_GELU = 1  # Y = gelu_new(acc); with SAVE_AUX also AUX = acc (pre-activation), AUX2 = scale * Y
-EPI_GELU_GRAD = 2  # Y = scale * acc * gelu_new'(AUX[out_row]): the activation's backward
+EPI_ACT = 1  # Y = act(acc); with SAVE_AUX also AUX = acc (pre-activation), AUX2 = scale * Y
+EPI_ACT_GRAD = 2  # Y = scale * acc * act'(AUX[out_row]): the activation's backward
 
 
 @triton.autotune(configs=_mm_configs(),
-                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "HAS_BIAS", "EPILOGUE", "SAVE_AUX"],
+                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "HAS_BIAS", "EPILOGUE", "ACT", "SAVE_AUX"],
                  prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
 def _scatter_mm_kernel(
@@ -114,7 +142,7 @@ def _scatter_mm_kernel(
     N, I, O, E, in_div,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     E_PAD: tl.constexpr,
-    EPILOGUE: tl.constexpr, SAVE_AUX: tl.constexpr,
+    EPILOGUE: tl.constexpr, ACT: tl.constexpr, SAVE_AUX: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -159,7 +187,7 @@ def _scatter_mm_kernel(
         scale = tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if EPILOGUE == 1:
         # The activation on the fp32 accumulator (one rounding, no extra pass over memory).
-        y = _gelu_new(acc)
+        y = _activation(acc, ACT)
         if SAVE_AUX:
             tl.store(AUX + out_off, acc.to(AUX.dtype.element_ty), mask=out_ok)
             # scale * act: what the next matmul's weight gradient needs (sum_n (g_n h_n)^T dy_t),
@@ -171,7 +199,7 @@ def _scatter_mm_kernel(
             y = y * scale
         if EPILOGUE == 2:
             pre = tl.load(AUX + out_off, mask=out_ok, other=0.0).to(tl.float32)
-            y = y * _gelu_new_grad(pre)
+            y = y * _activation_grad(pre, ACT)
     tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=out_ok)
 
 
@@ -295,30 +323,30 @@ def scatter_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor
     return y
 
 
-def scatter_mm_gelu(x: torch.Tensor, w_EIF: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
-                    gather_div: int | None, scale_N: torch.Tensor, save: bool, bias_EF: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first expert matmul with gelu_new in its epilogue, output grouped (sorted order):
-    h [N, F] = gelu_new(X[in_row(n)] @ W[e_n] + bias[e_n]); with `save` also z = the
+def scatter_mm_act(x: torch.Tensor, w_EIF: torch.Tensor, sorted_flat_N: torch.Tensor, expert_offsets_E: torch.Tensor,
+                   gather_div: int | None, scale_N: torch.Tensor, save: bool, bias_EF: torch.Tensor | None = None,
+                   activation: str = "gelu_new") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first expert matmul with the activation (ACT_CODES) in its epilogue, output grouped
+    (sorted order): h [N, F] = act(X[in_row(n)] @ W[e_n] + bias[e_n]); with `save` also z = the
     pre-activation and gh = scale_n * h (for the backward), else two empty [0, F] tensors."""
     h = _check_mm(x, w_EIF, sorted_flat_N, expert_offsets_E, gather_div, False)
     rows = h.shape[0] if save else 0
     z, gh = h.new_empty(rows, h.shape[1]), h.new_empty(rows, h.shape[1])
-    _launch_mm(x, w_EIF, h, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, False, EPI_GELU,
-               aux=(z, gh) if save else None, bias_EO=bias_EF)
+    _launch_mm(x, w_EIF, h, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, False, EPI_ACT,
+               aux=(z, gh) if save else None, bias_EO=bias_EF, activation=activation)
     return h, z, gh
 
 
-def scatter_mm_gelu_grad(dy: torch.Tensor, w_EFO: torch.Tensor, sorted_flat_N: torch.Tensor,
-                         expert_offsets_E: torch.Tensor, gather_div: int | None, scale_N: torch.Tensor,
-                         z_NF: torch.Tensor) -> torch.Tensor:
-    """dz [N, F] (grouped) = gelu_new'(z_n) * scale_n * (DY[in_row(n)] @ W[e_n]^T): the second
+def scatter_mm_act_grad(dy: torch.Tensor, w_EFO: torch.Tensor, sorted_flat_N: torch.Tensor,
+                        expert_offsets_E: torch.Tensor, gather_div: int | None, scale_N: torch.Tensor,
+                        z_NF: torch.Tensor, activation: str = "gelu_new") -> torch.Tensor:
+    """dz [N, F] (grouped) = act'(z_n) * scale_n * (DY[in_row(n)] @ W[e_n]^T): the second
     expert matmul's input gradient with the first one's activation backward in its epilogue."""
     dz = _check_mm(dy, w_EFO, sorted_flat_N, expert_offsets_E, gather_div, True)
     if z_NF.shape != dz.shape or not z_NF.is_contiguous():
         raise ValueError(f"pre-activations must be contiguous {tuple(dz.shape)}, got {tuple(z_NF.shape)}")
-    _launch_mm(dy, w_EFO, dz, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, True, EPI_GELU_GRAD,
-               aux=(z_NF, z_NF))
+    _launch_mm(dy, w_EFO, dz, sorted_flat_N, expert_offsets_E, gather_div, False, scale_N, True, EPI_ACT_GRAD,
+               aux=(z_NF, z_NF), activation=activation)
     return dz
 
 
@@ -341,7 +369,7 @@ def _check_mm(x: torch.Tensor, w_EIO: torch.Tensor, sorted_flat_N: torch.Tensor,
 
 
 def _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter, scale_N, transpose_w, epilogue,
-               aux=None, bias_EO=None) -> None:
+               aux=None, bias_EO=None, activation="gelu_new") -> None:
     N, E = sorted_flat_N.numel(), w_EIO.shape[0]
     if N == 0:
         return
@@ -359,7 +387,8 @@ def _launch_mm(x, w_EIO, y, sorted_flat_N, expert_offsets_E, gather_div, scatter
         x.stride(0), x.stride(1), sw[0], stride_wk, stride_wn, y.stride(0), y.stride(1), bias.stride(0), bias.stride(1),
         N, I, O, E, gather_div or 1,
         GATHER=gather_div is not None, SCATTER=scatter, HAS_SCALE=scale_N is not None, HAS_BIAS=bias_EO is not None,
-        E_PAD=triton.next_power_of_2(E), EPILOGUE=epilogue, SAVE_AUX=epilogue == EPI_GELU and aux is not None,
+        E_PAD=triton.next_power_of_2(E), EPILOGUE=epilogue, ACT=ACT_CODES[activation],
+        SAVE_AUX=epilogue == EPI_ACT and aux is not None,
         DOT_PREC=dot_precision(x.dtype),
     )
 
@@ -446,37 +475,37 @@ def weight_grad(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, sorted_flat:
     return None
 
 
-@torch.library.custom_op("molm_kernels::scatter_mm_gelu", mutates_args=())
-def _scatter_mm_gelu_op(x: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
-                        gather_div: int, scale: torch.Tensor, save: bool, bias: torch.Tensor | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return scatter_mm_gelu(x, w, sorted_flat, offsets, gather_div or None, scale, save, bias)
+@torch.library.custom_op("molm_kernels::scatter_mm_act", mutates_args=())
+def _scatter_mm_act_op(x: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                       gather_div: int, scale: torch.Tensor, save: bool, bias: torch.Tensor | None,
+                       activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return scatter_mm_act(x, w, sorted_flat, offsets, gather_div or None, scale, save, bias, activation)
 
 
-@_scatter_mm_gelu_op.register_fake
-def _(x, w, sorted_flat, offsets, gather_div, scale, save, bias=None):
+@_scatter_mm_act_op.register_fake
+def _(x, w, sorted_flat, offsets, gather_div, scale, save, bias, activation):
     h = x.new_empty(sorted_flat.numel(), w.shape[2])
     saved = sorted_flat.numel() if save else 0
     return h, x.new_empty(saved, w.shape[2]), x.new_empty(saved, w.shape[2])
 
 
-@torch.library.custom_op("molm_kernels::scatter_mm_gelu_grad", mutates_args=())
-def _scatter_mm_gelu_grad_op(dy: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
-                             gather_div: int, scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return scatter_mm_gelu_grad(dy, w, sorted_flat, offsets, gather_div or None, scale, z)
+@torch.library.custom_op("molm_kernels::scatter_mm_act_grad", mutates_args=())
+def _scatter_mm_act_grad_op(dy: torch.Tensor, w: torch.Tensor, sorted_flat: torch.Tensor, offsets: torch.Tensor,
+                            gather_div: int, scale: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    return scatter_mm_act_grad(dy, w, sorted_flat, offsets, gather_div or None, scale, z, activation)
 
 
-@_scatter_mm_gelu_grad_op.register_fake
-def _(dy, w, sorted_flat, offsets, gather_div, scale, z):
+@_scatter_mm_act_grad_op.register_fake
+def _(dy, w, sorted_flat, offsets, gather_div, scale, z, activation):
     return torch.empty_like(z)
 
 
 class _ParallelLinear(torch.autograd.Function):
     # gather_div 0 means "grouped" (no gather) in the ops' integer arguments.
     @staticmethod
-    def forward(ctx, x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK):
+    def forward(ctx, x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK, bias_EO):
         in_div = 0 if grouped_in else k
-        z = _scatter_mm_op(x, w_EIO, sorted_flat, offsets, in_div, not grouped_out, None, False)
+        z = _scatter_mm_op(x, w_EIO, sorted_flat, offsets, in_div, not grouped_out, None, False, bias_EO)
         ctx.k, ctx.in_div, ctx.grouped_out = k, in_div, grouped_out
         ctx.x_rows = x.shape[0]
         if gates_TK is None:
@@ -490,16 +519,17 @@ class _ParallelLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, w_EIO, sorted_flat, offsets, *gated = ctx.saved_tensors
         dy = dy.contiguous()
+        dgates = dx = dw = db = None
         if gated:
             gates_TK, z = gated
             T, K = gates_TK.shape
-            dgates = gate_grad(z, dy.to(z.dtype), gates_TK)
+            if ctx.needs_input_grad[7]:  # not for fixed gates (EMoE's unit weights)
+                dgates = gate_grad(z, dy.to(z.dtype), gates_TK)
             # dz_n = g_n * dy[token(n)]: gathered and scaled inside the kernels, never stored.
             dz_div, scale = K, gates_TK.reshape(-1)[sorted_flat].to(dy.dtype)
         else:
-            dgates, scale = None, None
+            scale = None
             dz_div = 0 if ctx.grouped_out else 1  # dy in sorted order, or token-major (row = flat)
-        dx = dw = None
         if ctx.needs_input_grad[0]:
             # dx_n = dz_n W[e_n]^T, written where x_n was read from (flat order when gathered).
             dx = _scatter_mm_op(dy, w_EIO, sorted_flat, offsets, dz_div, ctx.in_div != 0, scale, True)
@@ -507,7 +537,9 @@ class _ParallelLinear(torch.autograd.Function):
                 dx = dx.view(ctx.x_rows, ctx.in_div, -1).sum(1)  # a token's k choices read one row
         if ctx.needs_input_grad[1]:
             dw = weight_grad(w_EIO, x, dy, sorted_flat, offsets, ctx.in_div, dz_div, scale)
-        return dx, dw, None, None, None, None, None, dgates
+        if ctx.needs_input_grad[8]:
+            db = expert_row_sum(dy, sorted_flat, offsets, dz_div or None, scale)  # sum_n dz_n
+        return dx, dw, None, None, None, None, None, dgates, db
 
 
 def parallel_linear_triton(
@@ -518,32 +550,35 @@ def parallel_linear_triton(
     grouped_in: bool = False,
     grouped_out: bool = False,
     gates_TK: torch.Tensor | None = None,
+    bias_EO: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scattered expert matmul with the Triton kernels; semantics of
-    `molm_kernels.scattered_experts_reference.parallel_linear_reference` (same arguments and shapes)."""
+    `molm_kernels.scattered_experts_reference.parallel_linear_reference` (same arguments and shapes).
+    The bias joins the fp32 accumulator; its gradient is a deterministic per-expert row sum."""
     if gates_TK is not None and grouped_out:
         raise ValueError("gates need flat-order output (grouped_out=False)")
     _, sorted_flat, offsets = routing
-    return _ParallelLinear.apply(x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK)
+    return _ParallelLinear.apply(x, w_EIO, k, sorted_flat, offsets, grouped_in, grouped_out, gates_TK, bias_EO)
 
 
-class _ScatteredGeluMLP(torch.autograd.Function):
-    """y_t = sum_j g_tj (W2[e_tj] gelu_new(W1[e_tj] x_t + b1[e_tj]) + b2[e_tj]) in four launches
-    (matmul + bias + gelu epilogue, matmul + bias with scatter, gated sum), and its backward in
-    five (gate dot products, one matmul whose epilogue applies the gate and gelu's derivative,
-    two weight gradients, one input gradient), plus one reduction per bias. Saves x, z = W1 x + b1
-    (pre-activation), g*h and the per-choice outputs: the same memory as the unfused composition
-    (which saves z for gelu, h for the second matmul)."""
+class _ScatteredMLP(torch.autograd.Function):
+    """y_t = sum_j g_tj (W2[e_tj] act(W1[e_tj] x_t + b1[e_tj]) + b2[e_tj]) in four launches
+    (matmul + bias + activation epilogue, matmul + bias with scatter, gated sum), and its backward
+    in five (gate dot products, one matmul whose epilogue applies the gate and the activation's
+    derivative, two weight gradients, one input gradient), plus one reduction per bias. Saves x,
+    z = W1 x + b1 (pre-activation), g*h and the per-choice outputs: the same memory as the unfused
+    composition (which saves z for the activation, h for the second matmul)."""
 
     @staticmethod
-    def forward(ctx, x, w1_EIF, w2_EFO, b1_EF, b2_EO, k, sorted_flat, offsets, gates_TK, save):
+    def forward(ctx, x, w1_EIF, w2_EFO, b1_EF, b2_EO, k, sorted_flat, offsets, gates_TK, save, activation):
         # gather_div 0 means "grouped" (no gather) in the ops' integer arguments. save: whether a
         # backward can follow (else z and g*h are neither written nor kept).
         g_sorted = gates_TK.reshape(-1)[sorted_flat].to(x.dtype)  # gate of each sorted assignment
-        h, z, gh = _scatter_mm_gelu_op(x, w1_EIF, sorted_flat, offsets, k, g_sorted, save, b1_EF)  # (N, F) sorted
+        h, z, gh = _scatter_mm_act_op(x, w1_EIF, sorted_flat, offsets, k, g_sorted, save, b1_EF,
+                                      activation)  # (N, F) sorted
         out_N = _scatter_mm_op(h, w2_EFO, sorted_flat, offsets, 0, True, None, False, b2_EO)  # (N, O) flat order
         y = gate_sum(out_N, gates_TK.to(out_N.dtype))  # (T, O)
-        ctx.k, ctx.x_rows = k, x.shape[0]
+        ctx.k, ctx.x_rows, ctx.activation = k, x.shape[0], activation
         ctx.save_for_backward(x, w1_EIF, w2_EFO, sorted_flat, offsets, gates_TK, g_sorted, z, gh, out_N)
         return y
 
@@ -553,8 +588,8 @@ class _ScatteredGeluMLP(torch.autograd.Function):
         K = gates_TK.shape[1]
         dy = dy.contiguous().to(out_N.dtype)
         dgates = gate_grad(out_N, dy, gates_TK) if ctx.needs_input_grad[8] else None
-        # dz_n = gelu'(z_n) * g_n * dy[token(n)] W2[e_n]^T, in sorted order: never stores dh.
-        dz = _scatter_mm_gelu_grad_op(dy, w2_EFO, sorted_flat, offsets, K, g_sorted, z)
+        # dz_n = act'(z_n) * g_n * dy[token(n)] W2[e_n]^T, in sorted order: never stores dh.
+        dz = _scatter_mm_act_grad_op(dy, w2_EFO, sorted_flat, offsets, K, g_sorted, z, ctx.activation)
         dx = dw1 = dw2 = db1 = db2 = None
         if ctx.needs_input_grad[2]:
             dw2 = weight_grad(w2_EFO, gh, dy, sorted_flat, offsets, 0, K, None)  # sum_n (g_n h_n)^T dy_t
@@ -568,7 +603,7 @@ class _ScatteredGeluMLP(torch.autograd.Function):
             dx = _scatter_mm_op(dz, w1_EIF, sorted_flat, offsets, 0, True, None, True)  # (N, I) flat order
             if ctx.k > 1:
                 dx = dx.view(ctx.x_rows, ctx.k, -1).sum(1)  # a token's k choices read one row
-        return dx, dw1, dw2, db1, db2, None, None, None, dgates, None
+        return dx, dw1, dw2, db1, db2, None, None, None, dgates, None, None
 
 
 def scattered_mlp_triton(
@@ -584,11 +619,10 @@ def scattered_mlp_triton(
     w3_EIF: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SMoE experts with the Triton kernels; semantics of
-    `molm_kernels.scattered_experts_reference.scattered_mlp_reference` (same arguments). gelu_new
-    and the biases are fused into the matmuls' epilogues; other activations and the GLU form
-    run the composition of Triton matmuls, with the biases added (and their gradients summed)
-    by PyTorch."""
-    if activation != "gelu_new" or w3_EIF is not None:
+    `molm_kernels.scattered_experts_reference.scattered_mlp_reference` (same arguments). The
+    activation (ACT_CODES) and the biases are fused into the matmuls' epilogues; the GLU form runs
+    the composition of Triton matmuls."""
+    if w3_EIF is not None:
         return scattered_mlp_reference(x_TI, w1_EIF, w2_EFO, k, routing, gates_TK, activation, b1_EF, b2_EO, w3_EIF,
                                        linear=parallel_linear_triton)
     if gates_TK.shape[0] * gates_TK.shape[1] != routing.sorted_flat_idx_N.numel():
@@ -598,4 +632,4 @@ def scattered_mlp_triton(
     # Decided out here: inside Function.forward grad mode is always off.
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x_TI, w1_EIF, w2_EFO, b1_EF, b2_EO, gates_TK))
-    return _ScatteredGeluMLP.apply(x_TI, w1_EIF, w2_EFO, b1_EF, b2_EO, k, sorted_flat, offsets, gates_TK, save)
+    return _ScatteredMLP.apply(x_TI, w1_EIF, w2_EFO, b1_EF, b2_EO, k, sorted_flat, offsets, gates_TK, save, activation)

@@ -15,7 +15,7 @@ Two computations of one layer, equal in value and gradient:
   reference, O(d_ff) per token);
 - "sparse": only the chosen experts, through the scattered-expert kernels (`molm_kernels.scattered_mlp`:
   Triton on CUDA, the PyTorch reference elsewhere), reading the dense weights as per-expert
-  views (no copies).
+  views (no copies) when F is a multiple of 16, else as zero-padded copies (`kernel_weights`).
 
 The layer keeps the dense module's children under their own names (`c_fc`/`c_proj`,
 `dense_h_to_4h`/`dense_4h_to_h`, `gate_proj`/`up_proj`/`down_proj`), so its state dict is the dense
@@ -35,6 +35,11 @@ import molm_kernels
 from molm_megatron.model.model import Router
 
 COMPUTATIONS = ("sparse", "masked")
+
+# Expert widths F the kernels read in place: Triton vectorises a load only when its strides and
+# offsets are multiples of 16 elements, and F is a stride of the per-expert views and of the
+# [T*K, F] intermediates (F = 172 for Llama-7B at 64 experts, 100 for GPT-2-XL).
+KERNEL_WIDTH_MULTIPLE = 16
 
 # Hugging Face activation names -> the kernels' names for the same function.
 ACTIVATION_ALIASES = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu",
@@ -181,16 +186,40 @@ class EMoEMLP(nn.Module):
         h_TF = (h_TF.view(-1, E, h_TF.shape[1] // E) * mask_TE[:, :, None]).view_as(h_TF)  # (T, E, F) -> (T, d_ff)
         return getattr(self, spec.second)(h_TF)
 
-    def sparse(self, x_TD: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        """Only the chosen experts, through the scattered-expert kernels."""
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The experts' (w1 [E, D, F'], w3 [E, D, F'] or None, w2 [E, F', D], b1 [E, F'] or None)
+        for the scattered kernels. F' = F when F is a multiple of KERNEL_WIDTH_MULTIPLE: views of the
+        dense weights. Otherwise F' is F rounded up and these are copies (in the weights' storage
+        order), whose extra neurons have zero weights and bias: their activation is act(0) = 0 (gelu, relu, silu) and
+        their zero output rows add nothing, so values and the real weights' gradients are unchanged.
+        The copies cost one read and write of the FFN weights per call (0.3 GB for Llama-7B's)."""
         spec, E = self.spec, self.num_experts
         first, second = getattr(self, spec.first), getattr(self, spec.second)
-        w1_EDF = in_weight_EDF(first, spec.conv1d, E)
-        w3_EDF = None if spec.up is None else in_weight_EDF(getattr(self, spec.up), spec.conv1d, E)
-        b1_EF = None if first.bias is None else first.bias.view(E, -1)
+        up = None if spec.up is None else getattr(self, spec.up)
+        pad = -(keys_FD(first, spec.conv1d).shape[0] // E) % KERNEL_WIDTH_MULTIPLE
+        if pad == 0:
+            return (in_weight_EDF(first, spec.conv1d, E), None if up is None else in_weight_EDF(up, spec.conv1d, E),
+                    out_weight_EFD(second, spec.conv1d, E), None if first.bias is None else first.bias.view(E, -1))
+
+        def padded_EFD(proj: nn.Module, neuron_dim: int) -> torch.Tensor:
+            """[E, F', D]: the neuron dimension split into (E, F) and F padded where it lies in
+            storage (a copy in storage order, no transpose), then viewed expert-first."""
+            w = proj.weight.unflatten(neuron_dim, (E, -1))
+            w = nn.functional.pad(w, (0, 0, 0, pad) if neuron_dim == 0 else (0, pad))
+            return w if neuron_dim == 0 else w.permute(1, 2, 0)
+
+        # Where d_ff lies: nn.Linear weights are [out, in], GPT-2's Conv1D [in, out].
+        in_dim, out_dim = (1, 0) if spec.conv1d else (0, 1)
+        w3_EDF = None if up is None else padded_EFD(up, in_dim).transpose(1, 2)
+        b1_EF = None if first.bias is None else nn.functional.pad(first.bias.view(E, -1), (0, pad))
+        return padded_EFD(first, in_dim).transpose(1, 2), w3_EDF, padded_EFD(second, out_dim), b1_EF
+
+    def sparse(self, x_TD: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        """Only the chosen experts, through the scattered-expert kernels."""
+        w1_EDF, w3_EDF, w2_EFD, b1_EF = self.kernel_weights()
         gates_TK = torch.ones(experts_TK.shape, dtype=x_TD.dtype, device=x_TD.device)  # weight 1 each
-        y_TD = molm_kernels.scattered_mlp(x_TD, w1_EDF, out_weight_EFD(second, spec.conv1d, E), self.top_k,
-                                     molm_kernels.route(experts_TK, E), gates_TK, self.activation, b1_EF=b1_EF,
-                                     w3_EIF=w3_EDF)
+        y_TD = molm_kernels.scattered_mlp(x_TD, w1_EDF, w2_EFD, self.top_k, molm_kernels.route(experts_TK, self.num_experts),
+                                          gates_TK, self.activation, b1_EF=b1_EF, w3_EIF=w3_EDF)
         # The output bias belongs to the whole FFN (added once, not per expert).
+        second = getattr(self, self.spec.second)
         return y_TD if second.bias is None else y_TD + second.bias

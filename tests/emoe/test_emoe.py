@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT
 
 import molm_megatron.emoe as emoe
 from molm_megatron.emoe.cluster import balanced_kmeans
-from molm_megatron.emoe.layer import keys_FD
+from molm_megatron.emoe.layer import ARCHITECTURES, EMoEMLP, keys_FD
 from molm_megatron.emoe.training import apply_lora, load_for_training
 
 E, D_FF, V = 8, 64, 97  # experts, FFN width, vocabulary of the random models
@@ -106,6 +106,42 @@ def test_masked_and_sparse_agree_below_n_values_and_gradients(folders, arch):
         torch.testing.assert_close(results["sparse"][1][name], g, rtol=1e-9, atol=1e-10, msg=name)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir).double().eval()
     assert (results["sparse"][0] - logits(dense, ids)).abs().max() > 1e-3  # the gate does drop experts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("width", [16, 12])
+def test_sparse_layer_reads_weights_in_place_or_padded_with_equal_values_and_gradients(arch, width):
+    """One EMoE layer, 4 experts of `width` neurons: a multiple of 16 is read in place (views of
+    the dense weights), 12 through copies zero-padded to 16; either way the sparse computation
+    equals the masked one in output and every parameter's gradient (fp64), at k = 2."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXMLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(3)
+    d_ff, spec = 4 * width, ARCHITECTURES[arch]
+    mlp = {"gpt2": lambda: GPT2MLP(d_ff, GPT2Config(n_embd=32, resid_pdrop=0.0)),
+           "gpt_neox": lambda: GPTNeoXMLP(GPTNeoXConfig(hidden_size=32, intermediate_size=d_ff, num_attention_heads=2)),
+           "llama": lambda: LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=d_ff, num_attention_heads=2)),
+           }[arch]()
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    cfg_act = {"gpt2": "gelu_new", "gpt_neox": "gelu", "llama": "silu"}[arch]
+    layer = EMoEMLP(mlp, spec, cfg_act, 4, 2).double()
+    w1 = layer.kernel_weights()[0]
+    first = getattr(layer, spec.first).weight
+    assert (w1.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()) == (width % 16 == 0)
+    assert w1.shape[2] == 16 * math.ceil(width / 16)
+    x = torch.randn(23, 32, dtype=torch.float64)
+    results = {}
+    for computation in ("masked", "sparse"):
+        layer.set_routing(2, computation)
+        layer.zero_grad()
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results[computation] = [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+    for got, want in zip(results["sparse"], results["masked"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_gate_is_the_mean_of_each_experts_key_rows_hand_check(folders):

@@ -114,28 +114,32 @@ def sb_truncated_exact_gradient():
     return [rel(a, b) for a, b in zip((o, *grads), (o_ref, *grads_ref))] + [truncated]
 
 
-def experts_case(T, K, E, I, O, grouped_in=False, grouped_out=False, gated=False, k_in=None):
+def experts_case(T, K, E, I, O, grouped_in=False, grouped_out=False, gated=False, k_in=None, bias=False,
+                 fixed_gates=False):
+    """parallel_linear against the float64 reference: y and the gradients of x, w, the gates
+    (unless fixed_gates: gates without a gradient, EMoE's unit weights) and the bias."""
     k_in = K if k_in is None else k_in
     expert_idx = torch.randint(0, E - 1, (T, K))  # expert E-1 gets no token: an empty run
     routing = route(expert_idx, E)
     x = torch.randn(T * K if (grouped_in or k_in == 1) else T, I, requires_grad=True)
     w = (torch.randn(E, I, O) / math.sqrt(I)).requires_grad_()
-    gates = torch.rand(T, K, requires_grad=True) if gated else None
-    inputs = (x, w) + ((gates,) if gated else ())
+    gates = torch.rand(T, K, requires_grad=not fixed_gates) if gated else None
+    b_EO = torch.randn(E, O, requires_grad=True) if bias else None
+    inputs = [x, w] + ([gates] if gated and not fixed_gates else []) + ([b_EO] if bias else [])
     with poisoned_allocations():
-        y = parallel_linear_triton(x, w, k_in, routing, grouped_in, grouped_out, gates)
+        y = parallel_linear_triton(x, w, k_in, routing, grouped_in, grouped_out, gates, b_EO)
         dy = torch.randn(y.shape)
         grads = torch.autograd.grad(y, inputs, dy)
-    ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref = parallel_linear_reference(ref_in[0], ref_in[1], k_in, routing, grouped_in, grouped_out,
-                                      ref_in[2] if gated else None)
-    grads_ref = torch.autograd.grad(y_ref, ref_in, dy.double())
+    ref_in = {id(t): t.detach().double().requires_grad_() for t in inputs}
+    ref = [ref_in.get(id(t), t.double() if t is not None else None) for t in (x, w, gates, b_EO)]
+    y_ref = parallel_linear_reference(ref[0], ref[1], k_in, routing, grouped_in, grouped_out, ref[2], ref[3])
+    grads_ref = torch.autograd.grad(y_ref, list(ref_in.values()), dy.double())
     return [rel(a, b) for a, b in zip((y, *grads), (y_ref, *grads_ref))]
 
 
 def mlp_case(T, K, E, I, F, O, activation="gelu_new", k_in=None, grad=True, bias=False, glu=False, strided=False):
-    """The expert MLP (fused: gelu_new and the biases in the matmul epilogues; else the Triton
-    composition) against the float64 composition of reference matmuls: y and the gradients of
+    """The expert MLP (fused: the activation and the biases in the matmul epilogues; the GLU form
+    is the Triton composition) against the float64 composition of reference matmuls: y and the gradients of
     x, every weight, the biases (bias=True: b1 and b2) and the gates. glu=True adds the up
     projection W3 (SwiGLU with activation "silu"). k_in = 1 with T*K rows of x is the
     expert-parallel form; grad=False runs the inference path (nothing saved). strided=True passes
@@ -217,14 +221,18 @@ CASES = {
     "experts_grouped_in_gated": lambda: experts_case(37, 3, 5, 24, 40, grouped_in=True, gated=True, k_in=1),
     "experts_flat_in_gated": lambda: experts_case(30, 2, 4, 24, 40, gated=True, k_in=1),
     "experts_k1": lambda: experts_case(20, 1, 3, 24, 40),
+    "experts_grouped_out_bias": lambda: experts_case(29, 3, 5, 40, 24, grouped_out=True, bias=True),
+    "experts_fixed_gates_bias": lambda: experts_case(25, 2, 4, 24, 40, gated=True, bias=True, fixed_gates=True),
     "mlp_gelu_fused_k2": lambda: mlp_case(37, 2, 4, 24, 40, 20),
     "mlp_gelu_fused_k3_expert_parallel_form": lambda: mlp_case(21, 3, 5, 20, 36, 24, k_in=1),
     "mlp_gelu_fused_inference": lambda: mlp_case(30, 2, 4, 24, 40, 20, grad=False),
-    "mlp_relu_unfused_fallback": lambda: mlp_case(25, 2, 3, 24, 40, 20, activation="relu"),
+    "mlp_relu_fused": lambda: mlp_case(25, 2, 3, 24, 40, 20, activation="relu"),
+    "mlp_silu_fused": lambda: mlp_case(22, 2, 3, 24, 40, 20, activation="silu"),
     "mlp_gelu_fused_biases_k2": lambda: mlp_case(29, 2, 4, 24, 40, 20, bias=True),
     "mlp_gelu_fused_biases_inference": lambda: mlp_case(17, 3, 4, 24, 40, 20, bias=True, grad=False),
-    "mlp_gelu_exact_biases_unfused": lambda: mlp_case(19, 2, 3, 24, 36, 20, activation="gelu", bias=True),
+    "mlp_gelu_exact_biases_fused": lambda: mlp_case(19, 2, 3, 24, 36, 20, activation="gelu", bias=True),
     "mlp_swiglu_k2": lambda: mlp_case(23, 2, 4, 24, 40, 20, activation="silu", glu=True),
+    "mlp_swiglu_biases_composed": lambda: mlp_case(21, 2, 3, 24, 40, 20, activation="silu", glu=True, bias=True),
     "mlp_gelu_fused_biases_strided_weights": lambda: mlp_case(21, 2, 3, 24, 40, 20, bias=True, strided=True),
     "accumulated_weight_grads": accumulated_weight_grads,
 }

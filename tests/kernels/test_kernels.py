@@ -36,9 +36,11 @@ def interpreter_results() -> dict:
 SB_CASES = ["sb_causal", "sb_memory_gqa_keymask", "sb_decode_one_token", "sb_cu_seqlens",
             "sb_untruncated_atomic", "sb_head_slices"]
 EXPERT_CASES = ["experts_gather_scatter_k2", "experts_grouped_out_k3", "experts_grouped_in_gated",
-                "experts_flat_in_gated", "experts_k1", "mlp_gelu_fused_k2", "mlp_gelu_fused_k3_expert_parallel_form",
-                "mlp_gelu_fused_inference", "mlp_relu_unfused_fallback", "mlp_gelu_fused_biases_k2",
-                "mlp_gelu_fused_biases_inference", "mlp_gelu_exact_biases_unfused", "mlp_swiglu_k2",
+                "experts_flat_in_gated", "experts_k1", "experts_grouped_out_bias", "experts_fixed_gates_bias",
+                "mlp_gelu_fused_k2", "mlp_gelu_fused_k3_expert_parallel_form",
+                "mlp_gelu_fused_inference", "mlp_relu_fused", "mlp_silu_fused", "mlp_gelu_fused_biases_k2",
+                "mlp_gelu_fused_biases_inference", "mlp_gelu_exact_biases_fused", "mlp_swiglu_k2",
+                "mlp_swiglu_biases_composed",
                 "mlp_gelu_fused_biases_strided_weights", "accumulated_weight_grads"]
 
 
