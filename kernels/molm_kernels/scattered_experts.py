@@ -133,7 +133,8 @@ EPI_ACT_GRAD = 2  # Y = scale * acc * act'(AUX[out_row]): the activation's backw
 
 
 @triton.autotune(configs=_mm_configs(),
-                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "HAS_BIAS", "EPILOGUE", "ACT", "SAVE_AUX"],
+                 key=["I", "O", "stride_wk", "GATHER", "SCATTER", "HAS_SCALE", "HAS_BIAS", "EPILOGUE", "ACT",
+                      "SAVE_AUX"],
                  prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
 def _scatter_mm_kernel(

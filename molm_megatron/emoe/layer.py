@@ -190,8 +190,9 @@ class EMoEMLP(nn.Module):
         """The experts' (w1 [E, D, F'], w3 [E, D, F'] or None, w2 [E, F', D], b1 [E, F'] or None)
         for the scattered kernels. F' = F when F is a multiple of KERNEL_WIDTH_MULTIPLE: views of the
         dense weights. Otherwise F' is F rounded up and these are copies (in the weights' storage
-        order), whose extra neurons have zero weights and bias: their activation is act(0) = 0 (gelu, relu, silu) and
-        their zero output rows add nothing, so values and the real weights' gradients are unchanged.
+        order), whose extra neurons have zero weights and bias: their activation is act(0) = 0
+        (gelu, relu, silu) and their zero output rows add nothing, so values and the real weights'
+        gradients are unchanged.
         The copies cost one read and write of the FFN weights per call (0.3 GB for Llama-7B's)."""
         spec, E = self.spec, self.num_experts
         first, second = getattr(self, spec.first), getattr(self, spec.second)
@@ -218,8 +219,9 @@ class EMoEMLP(nn.Module):
         """Only the chosen experts, through the scattered-expert kernels."""
         w1_EDF, w3_EDF, w2_EFD, b1_EF = self.kernel_weights()
         gates_TK = torch.ones(experts_TK.shape, dtype=x_TD.dtype, device=x_TD.device)  # weight 1 each
-        y_TD = molm_kernels.scattered_mlp(x_TD, w1_EDF, w2_EFD, self.top_k, molm_kernels.route(experts_TK, self.num_experts),
-                                          gates_TK, self.activation, b1_EF=b1_EF, w3_EIF=w3_EDF)
+        routing = molm_kernels.route(experts_TK, self.num_experts)
+        y_TD = molm_kernels.scattered_mlp(x_TD, w1_EDF, w2_EFD, self.top_k, routing, gates_TK, self.activation,
+                                          b1_EF=b1_EF, w3_EIF=w3_EDF)
         # The output bias belongs to the whole FFN (added once, not per expert).
         second = getattr(self, self.spec.second)
         return y_TD if second.bias is None else y_TD + second.bias
