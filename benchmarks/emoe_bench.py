@@ -6,10 +6,9 @@
 2. Forward + backward of one FFN of those shapes over `--tokens` tokens: the dense Hugging Face
    MLP, the EMoE layer's sparse computation (only the chosen experts, scattered-expert kernels) and
    its masked computation (the reference), at k = N/4 (and a sparse-vs-masked check of the output
-   and every gradient). bf16
-   on CUDA, CUDA-event timings (median after warm-up), eager and as a CUDA-graph replay (the
-   same work without the host's launch overhead, which the sparse path's ~20 launches make
-   visible in an FFN timed alone); on CPU fp32 and wall-clock (smoke test).
+   and every gradient). bf16 on CUDA, CUDA-event timings (median after warm-up), eager and as a
+   CUDA-graph replay (the same work without the host's launch overhead, which the sparse path's
+   ~20 launches make visible in an FFN timed alone); on CPU fp32 and wall-clock (smoke test).
 
 The clustering is CPU work (about 40 s per GPT-2-XL-shaped layer on one busy core); on a GPU
 machine run the FFN part alone (`--skip-cluster`) when its time is short.
@@ -115,10 +114,12 @@ def bench_ffn(shapes: dict, experts: int, tokens: int, device: torch.device, rep
         x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(tokens, d, device=device, dtype=dtype)
 
-        def step(module):
+        def step(module) -> torch.Tensor:
             module.zero_grad(set_to_none=True)
             x.grad = None
-            module(x).backward(dy)
+            y = module(x)
+            y.backward(dy)
+            return y.detach()
 
         row = dict(shape=name, arch=arch, d=d, d_ff=d_ff, experts=experts, k=k, tokens=tokens, dtype=str(dtype))
         row["dense_ms"] = timed(lambda: step(dense), device, reps)
@@ -132,8 +133,7 @@ def bench_ffn(shapes: dict, experts: int, tokens: int, device: torch.device, rep
         outputs = {}
         for computation in ("masked", "sparse"):
             emoe.set_routing(k, computation)
-            step(emoe)
-            outputs[computation] = [emoe(x).detach(), x.grad] + [p.grad for p in emoe.parameters()]
+            outputs[computation] = [step(emoe), x.grad] + [p.grad for p in emoe.parameters()]
         # The worst relative error over the output and every gradient (input, weights, biases).
         row["sparse_vs_masked_rel_err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
                                               for a, b in zip(outputs["sparse"], outputs["masked"], strict=True))
