@@ -225,15 +225,21 @@ def config_router(cfg: ModelConfig, num_experts: int, num_new_experts: int, k: i
                   dropout=cfg.moe_pdrop, sample_topk=cfg.sample_topk)
 
 
-def rotary_embedding(x_BHLD: torch.Tensor, positions_L: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate the pairs of dimensions (j, j + hs/2) of each vector by the angle position * theta^(-2j/hs)
-    (RoFormer's rotation in GPT-NeoX's half-split layout), in at least fp32 (bf16 angles of positions
-    in the thousands are off by whole radians); returns x's dtype."""
+def rotary_tables(length: int, hs: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, hs] of the angles position * theta^(-2j/hs) for positions 0..length-1,
+    duplicated over the two halves of a head (GPT-NeoX's half-split layout), in at least fp32
+    (bf16 angles of positions in the thousands are off by whole radians)."""
+    dtype = torch.float32 if like.element_size() < 4 else like.dtype
+    inv_freq = theta ** (-torch.arange(0, hs, 2, device=like.device, dtype=dtype) / hs)
+    angles_LJ = torch.arange(length, device=like.device).to(dtype)[:, None] * inv_freq[None, :]  # (L, hs/2)
+    return angles_LJ.cos().repeat(1, 2), angles_LJ.sin().repeat(1, 2)
+
+
+def rotary_embedding(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs of dimensions (j, j + hs/2) of each vector by the angles of `rotary_tables`
+    (RoFormer's rotation), in the tables' precision; returns x's dtype."""
     hs = x_BHLD.shape[-1]
-    x = at_least_fp32(x_BHLD)
-    inv_freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=x.dtype) / hs)
-    angles_LJ = positions_L.to(x.dtype)[:, None] * inv_freq[None, :]  # (L, hs/2)
-    cos_LD, sin_LD = angles_LJ.cos().repeat(1, 2), angles_LJ.sin().repeat(1, 2)  # (L, hs)
+    x = x_BHLD.to(cos_LD.dtype)
     x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
@@ -249,9 +255,9 @@ def softmax_rope_attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: t
     distances matter. Masked keys get no weight.
     """
     T, S = q_BHTD.shape[2], k_BGSD.shape[2]
-    pos_S = torch.arange(S, device=q_BHTD.device)
-    q_BHTD = rotary_embedding(q_BHTD, pos_S[S - T:], theta)
-    k_BGSD = rotary_embedding(k_BGSD, pos_S, theta)
+    cos_SD, sin_SD = rotary_tables(S, q_BHTD.shape[-1], theta, q_BHTD)  # queries take the last T rows
+    q_BHTD = rotary_embedding(q_BHTD, cos_SD[S - T:], sin_SD[S - T:])
+    k_BGSD = rotary_embedding(k_BGSD, cos_SD, sin_SD)
     gqa = q_BHTD.shape[1] != k_BGSD.shape[1]
     if key_mask_BS is None and T == S:
         return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSD, dropout_p=dropout, is_causal=True,
@@ -261,6 +267,7 @@ def softmax_rope_attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: t
     if key_mask_BS is not None:
         # A query whose visible keys are all masked (a padding query) keeps its own key: its row stays
         # finite (a NaN would reach real tokens through its value); real queries never see masked keys.
+        pos_S = torch.arange(S, device=q_BHTD.device)
         self_TS = pos_S[None, :] == pos_S[S - T:, None]
         allowed = allowed & (key_mask_BS[:, None, None, :].bool() | self_TS)
     return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSD, attn_mask=allowed, dropout_p=dropout,
