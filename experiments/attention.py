@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 
-from experiments.common import (Context, experiment_main, figure, last_value, load_entropy, mean_spread,
+from experiments.common import (Context, experiment_main, figure, last_value, layer_mean, mean_spread,
                                 perplexity_args, perplexity_of, pretrain_args, read_metrics, validation_curve)
 
 DOMAINS = ("code", "prose", "german")
@@ -50,7 +50,8 @@ def run(ctx: Context) -> dict:
         per_run[name] = {
             "variant": variant, "seed": seed, "final_step": last_value(metrics, "step"),
             "valid_curve": validation_curve(metrics),
-            "att_load_entropy": load_entropy(metrics, "attn"), "mlp_load_entropy": load_entropy(metrics, "mlpf"),
+            "att_load_entropy": layer_mean(metrics, ".attn/load_entropy"),
+            "mlp_load_entropy": layer_mean(metrics, ".mlpf/load_entropy"),
             "tokens_per_s": last_value(metrics, "throughput/tokens_per_s"),
             "extrapolation": {m: perplexity_of(ctx.out / "eval" / f"{name}_x{m}") for m in s.extrapolation},
         }

@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -262,6 +261,7 @@ def dense_folder(out: Path, scale: Scale, tokenizer: Path, vocab_size: int, eod_
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from molm_megatron.config import model_preset
+    from tokenizer.loading import copy_tokenizer_files
 
     cfg = model_preset(scale.preset, **scale.model, vocab_size=vocab_size)
     torch.manual_seed(seed)
@@ -269,9 +269,7 @@ def dense_folder(out: Path, scale: Scale, tokenizer: Path, vocab_size: int, eod_
                       n_head=max(1, cfg.n_embd // 64), n_inner=cfg.k_mlp * cfg.ffd_hidden, bos_token_id=eod_id,
                       eos_token_id=eod_id, tie_word_embeddings=False)
     GPT2LMHeadModel(gpt2).save_pretrained(out)
-    for f in tokenizer.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, out / f.name)
+    copy_tokenizer_files(tokenizer, out)
     return out
 
 
@@ -319,12 +317,13 @@ def last_value(metrics: list[dict], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def load_entropy(metrics: list[dict], kind: str) -> float | None:
-    """Mean over layers of the last logged load entropy (nats) of the `kind` routers (attn or mlpf)."""
-    last = next((m for m in reversed(metrics) if any(k.endswith(f".{kind}/load_entropy") for k in m)), None)
+def layer_mean(metrics: list[dict], suffix: str) -> float | None:
+    """Mean over routers of the last logged per-router metric whose key ends in `suffix` (e.g.
+    ".attn/load_entropy", "mlpf/new_share"); None when it was never logged."""
+    last = next((m for m in reversed(metrics) if any(k.endswith(suffix) for k in m)), None)
     if last is None:
         return None
-    values = [v for k, v in last.items() if k.endswith(f".{kind}/load_entropy")]
+    values = [v for k, v in last.items() if k.endswith(suffix)]
     return sum(values) / len(values)
 
 

@@ -28,7 +28,7 @@ import shutil
 import sys
 
 from experiments.common import (Context, dense_folder, dense_pretrain_args, experiment_main, figure, finetune_args,
-                                last_value, perplexity_args, perplexity_of, pretrain_args, read_metrics)
+                                last_value, layer_mean, perplexity_args, perplexity_of, pretrain_args, read_metrics)
 
 OLD, NEW = ("prose", "code"), "german"
 
@@ -62,7 +62,8 @@ def run(ctx: Context) -> dict:
                      "dense_base": dense_pretrain_args(s, init, dense_base, old, [1.0] * len(OLD), seed)})
     models = {"frozen": base / "checkpoints", "dense_frozen": dense_base / "checkpoints"}
     finetunes = {}
-    for start, group in ((base, arms(ctx)), (dense_base, dense_arms(ctx))):
+    moe_arms, baseline_arms = arms(ctx), dense_arms(ctx)
+    for start, group in ((base, moe_arms), (dense_base, baseline_arms)):
         if not (start / "checkpoints" / "latest").exists():
             continue
         for name, (recipe, finetune, model) in group.items():
@@ -78,21 +79,12 @@ def run(ctx: Context) -> dict:
     for name in models:
         metrics = read_metrics(ctx.out / "runs" / name) if not name.endswith("frozen") else []
         results[name] = {
-            "settings": {**arms(ctx), **dense_arms(ctx)}.get(name, ("none", {}, {})),
+            "settings": {**moe_arms, **baseline_arms}.get(name, ("none", {}, {})),
             "final_step": last_value(metrics, "step"),
-            "new_share": new_share(metrics),
+            "new_share": layer_mean(metrics, "mlpf/new_share"),
             "ppl": {domain: perplexity_of(ctx.out / "eval" / f"{name}_{domain}") for domain in (*OLD, NEW)},
         }
     return {"arms": results, "old_domains": list(OLD), "new_domain": NEW, "seed": seed}
-
-
-def new_share(metrics: list[dict]) -> float | None:
-    """Mean over MLP routers of the last logged share of assignments routed to inserted experts."""
-    last = next((m for m in reversed(metrics) if any(k.endswith("mlpf/new_share") for k in m)), None)
-    if last is None:
-        return None
-    values = [v for k, v in last.items() if k.endswith("mlpf/new_share")]
-    return sum(values) / len(values)
 
 
 def plot(results: dict, path) -> None:

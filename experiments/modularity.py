@@ -13,7 +13,6 @@ the heatmaps (stats/<model>/heatmap.png).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -43,12 +42,14 @@ def run(ctx: Context) -> dict:
                                     *[str(ctx.heldout(d)) for d in DOMAINS], "--max-batches", str(s.stats_batches),
                                     "--out", str(ctx.out / "stats" / v), "--overwrite"]
                      for v, ckpt in checkpoints.items() if (ckpt / "latest").exists()})
+    from molm_megatron.modular.stats import read_stats  # torch: only once the runs are done
+
     results = {}
     for v, ckpt in checkpoints.items():
         path = ctx.out / "stats" / v / "stats.json"
         if not path.is_file():
             continue
-        stats = json.loads(path.read_text())
+        stats = read_stats(path)
         results[v] = {"model": str(ckpt), "kl": {f"{p['a']}||{p['b']}": {"mean": p["mean"], "per_layer": p["per_layer"]}
                                                  for p in stats["kl"]},
                       "tokens": {d: stats["domains"][d]["tokens"] for d in stats["domains"]}}
