@@ -19,7 +19,7 @@ from typing import Callable
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from molm_megatron.emoe.cluster import cached_labels, expert_permutation
-from molm_megatron.emoe.layer import ARCHITECTURES, keys_FD, kernel_activation, permute_neurons_
+from molm_megatron.emoe.layer import ARCHITECTURES, check_architecture, keys_FD, kernel_activation, permute_neurons_
 from molm_megatron.emoe.modeling import EMOE_CLASSES, EMoESettings, emoe_settings
 from molm_megatron.outputs import write_folder
 
@@ -56,9 +56,7 @@ def resolve_layers(num_layers: int, layers: list[int] | None, start: int | None,
 
 def check_conversion(config: PretrainedConfig, settings: EMoESettings) -> None:
     """Every error a conversion can raise on its settings, before any work."""
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported by EMoE "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
+    check_architecture(config)
     if getattr(config, "emoe", None):
         raise ValueError("the model is already an EMoE model (its config.json has an emoe entry)")
     kernel_activation(getattr(config, ARCHITECTURES[config.model_type].activation_field))
@@ -109,9 +107,7 @@ def convert(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir / 'config.json'} not found: --model must be a local Hugging Face folder")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported by EMoE "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
+    check_architecture(config)
     chosen = resolve_layers(config.num_hidden_layers, layers, layer_start, layer_stride)
     settings = EMoESettings(num_experts=num_experts, top_k=top_k, layers=chosen, computation=computation, seed=seed)
     check_conversion(config, settings)

@@ -67,6 +67,14 @@ ARCHITECTURES: dict[str, FFNSpec] = {
 }
 
 
+def check_architecture(config, where: str | None = None) -> None:
+    """ValueError (prefixed with `where`, a file or class name) unless `config` (a transformers
+    config) is one of the ARCHITECTURES."""
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"{where + ': ' if where else ''}model_type {config.model_type!r} is not supported by EMoE "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+
+
 def kernel_activation(name: str) -> str:
     """The kernels' name for a Hugging Face activation name; ValueError if there is none."""
     if name not in ACTIVATION_ALIASES:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from molm_megatron.config import TrainingSpec
-from molm_megatron.emoe.layer import ARCHITECTURES, EMoEMLP
+from molm_megatron.emoe.layer import EMoEMLP, check_architecture
 from molm_megatron.emoe.modeling import register_auto_classes
 from molm_megatron.model.losses import AUX_LOSS_NAMES
 from molm_megatron.model.model import MoLMOutput
@@ -40,13 +40,6 @@ LORA_TARGETS = {
 }
 # Keys of a config's dict that describe where and how it was loaded, not the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
-
-
-def check_architecture(config: PretrainedConfig, where: str) -> None:
-    """ValueError naming `where` unless the config is one of the architectures EMoE handles."""
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"{where}: model_type {config.model_type!r} is not a supported dense model "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
 
 
 def checked_block_size(config: PretrainedConfig, block_size: int | None, where: str = "model.block_size") -> int:
