@@ -21,7 +21,7 @@ import torch
 
 from molm_megatron.model import MoLM
 from molm_megatron.modular.weights import (EXPERT_TENSORS, KINDS, expert_counts, full_state_dict, model_from_full,
-                                           moe_prefix, num_experts, router_names, with_expert_counts)
+                                           moe_prefix, num_experts, parse_router, router_names, with_expert_counts)
 
 NORMS = ("max", "sum")
 LAYER_DROP_MODES = ("top", "uniform")
@@ -56,7 +56,7 @@ def _check_routers(model: MoLM, scores: dict[str, torch.Tensor], min_experts: in
     cfg = model.config
     for name in router_names(cfg):
         _floor(model, name, min_experts)
-        layer, kind = int(name.split(".")[0][5:]), name.split(".")[1]
+        layer, kind = parse_router(name)
         if name not in scores:
             raise ValueError(f"{where}: no statistics for router {name} of the model (statistics of another model?)")
         if scores[name].numel() != num_experts(cfg, layer, kind):
@@ -98,7 +98,7 @@ def select_by_share(model: MoLM, scores: dict[str, torch.Tensor], target_share: 
         raise ValueError(f"target share must be in (0, 1], got {target_share}")
     total = model.num_params()
     keep = {name: list(range(scores[name].numel())) for name in router_names(model.config)}
-    order = sorted(((s, -int(name.split(".")[0][5:]), -e, name, e)
+    order = sorted(((s, -parse_router(name)[0], -e, name, e)
                     for name in keep for e, s in enumerate(scores[name].tolist())))
     left = total
     for _, _, _, name, e in order:
@@ -107,7 +107,7 @@ def select_by_share(model: MoLM, scores: dict[str, torch.Tensor], target_share: 
         if len(keep[name]) <= _floor(model, name, min_experts):
             continue
         keep[name].remove(e)
-        left -= _expert_params(model, name.split(".")[1])
+        left -= _expert_params(model, parse_router(name)[1])
     if left > target_share * total:
         raise ValueError(f"target share {target_share} is unreachable keeping min_experts "
                          f"({'top-k' if min_experts is None else min_experts}) per router: "

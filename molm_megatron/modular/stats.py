@@ -31,6 +31,7 @@ from molm_megatron.emoe.training import EMoECausalLM
 from molm_megatron.eval.expert_stats import router_modules
 from molm_megatron.model import MoLM
 from molm_megatron.modular.output import atomic_folder
+from molm_megatron.modular.weights import parse_router
 
 STATS_VERSION = 1
 
@@ -123,7 +124,7 @@ def domain_kl(domain_counts: dict[str, dict[str, list[int]]], routers: list[str]
     """KL(P_a || P_b) of the MLP routers for every ordered pair of domains: per layer (`layers`
     names each entry's layer) and averaged."""
     mlp = mlp_routers(routers)
-    layers = [int(r.split(".")[0][len("layer"):]) for r in mlp]
+    layers = [parse_router(r)[0] for r in mlp]
     pairs = []
     for a, b in itertools.permutations(domain_counts, 2):
         per_layer = [kl_divergence(domain_counts[a][r], domain_counts[b][r], smoothing) for r in mlp]
@@ -187,9 +188,9 @@ def write_stats(stats: dict, out_dir: str | Path, overwrite: bool = False) -> Pa
             w.writerow(["domain", "layer", "router", "expert", "count", "frequency"])
             for domain, d in stats["domains"].items():
                 for router in stats["routers"]:
-                    layer, kind = router.split(".")
+                    layer, kind = parse_router(router)
                     for e, (c, fr) in enumerate(zip(d["counts"][router], d["frequency"][router])):
-                        w.writerow([domain, int(layer[5:]), kind, e, c, f"{fr:.6g}"])
+                        w.writerow([domain, layer, kind, e, c, f"{fr:.6g}"])
         _heatmap(stats, tmp / "heatmap.png")
     return Path(out_dir)
 
@@ -209,7 +210,7 @@ def _heatmap(stats: dict, path: Path) -> None:
         grid = [r + [float("nan")] * (width - len(r)) for r in rows]  # pruned layers may be narrower
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set(title=f"{domain}: MLP expert frequency", xlabel="expert", ylabel="layer", yticks=range(len(mlp)))
-        ax.set_yticklabels([r.split(".")[0][len("layer"):] for r in mlp])
+        ax.set_yticklabels([parse_router(r)[0] for r in mlp])
         fig.colorbar(im, ax=ax)
     if len(domains) > 1:
         mean = {(p["a"], p["b"]): p["mean"] for p in stats["kl"]}

@@ -51,6 +51,12 @@ def router_names(cfg: ModelConfig) -> list[str]:
     return [f"layer{i}.{kind}" for i in range(cfg.n_layer) for kind in KINDS]
 
 
+def parse_router(name: str) -> tuple[int, str]:
+    """(layer, kind) of a router name of `router_names`: 'layer3.mlpf' -> (3, 'mlpf')."""
+    layer, kind = name.split(".")
+    return int(layer[len("layer"):]), kind
+
+
 def num_experts(cfg: ModelConfig, layer: int, kind: str) -> int:
     """Experts (old and inserted) of one router."""
     return cfg.att_experts(layer) if kind == "attn" else cfg.mlp_experts(layer)
@@ -133,8 +139,10 @@ def load_any_model(path: str | Path, seed: int = 0) -> MoLM | EMoECausalLM:
         raise ValueError(f"{path}: no such file or folder (expected a checkpoint folder, a Hugging Face folder "
                          "or a model file)")
     if (path / "config.json").is_file():
+        from molm_megatron.emoe.layer import ARCHITECTURES
+
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if hf_lm_config(path) is not None:
+        if model_type in ARCHITECTURES:  # what hf_lm_config accepts, without building its config
             from molm_megatron.emoe.training import load_for_training
 
             return load_for_training(path)
