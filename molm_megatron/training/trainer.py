@@ -17,6 +17,7 @@ Legend: B micro-batch rows, T segment tokens, M memory tokens per row, E experts
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
@@ -88,7 +89,19 @@ def init_distributed(device: torch.device, backend: str) -> None:
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    started_here = not dist.is_initialized()  # else a caller (or an earlier Trainer) owns the world group
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if started_here:
+        atexit.register(destroy_all_process_groups)
+
+
+def destroy_all_process_groups() -> None:
+    """Shut every process group down while the interpreter is still whole. Left to interpreter
+    teardown, a Gloo worker thread can drop the last reference to a collective's tensor after
+    Python has started finalising; taking the GIL then kills the thread inside a noexcept frame and
+    the process aborts ("terminate called without an active exception") after a finished run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_stream_data(job: JobConfig, spec: TrainingSpec, dp_rank: int, dp_size: int):
