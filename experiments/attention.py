@@ -31,7 +31,7 @@ def run(ctx: Context) -> dict:
     # Seed-major: every variant's first seed runs before any second seed, so a budget that runs out
     # cuts seeds, not variants.
     runs = {f"{variant}_s{seed}": (variant, seed) for seed in s.seeds for variant in s.attention_variants}
-    ctx.runner.run_many({name: pretrain_args(s, ctx.vocab_size, ctx.out / "runs" / name, data, [1.0] * len(data),
+    ctx.runner.run_many({name: pretrain_args(s, ctx.vocab_size, ctx.out / "runs" / name, data,
                                              seed, s.attention_variants[variant])
                          for name, (variant, seed) in runs.items()})
     evals = {}

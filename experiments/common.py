@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from molm_megatron.outputs import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 # Seconds a stopped command gets to save (pretrain.py/finetune.py checkpoint on SIGTERM) before SIGKILL.
 GRACE_S = 30
@@ -221,10 +223,10 @@ def flags(section: str, fields: dict) -> list[str]:
             for flag in (f"--{section}.{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
-def train_flags(scale: Scale, run_dir: Path, data: list[Path], weights: list[float], steps: int,
-                seed: int) -> list[str]:
-    """Flags shared by pretrain.py and finetune.py runs: data, batch, validation, checkpoint, metrics."""
-    return ["--data.prefixes", *map(str, data), "--data.weights", *map(str, weights), "--data.split", scale.split,
+def train_flags(scale: Scale, run_dir: Path, data: list[Path], steps: int, seed: int) -> list[str]:
+    """Flags shared by pretrain.py and finetune.py runs: data (every experiment mixes its domains in
+    equal weights), batch, validation, checkpoint, metrics."""
+    return ["--data.prefixes", *map(str, data), "--data.weights", *["1"] * len(data), "--data.split", scale.split,
             "--train.steps", str(steps), "--train.micro_batch_size", str(scale.micro_batch_size),
             "--train.global_batch_tokens", "0", "--train.seed", str(seed),
             "--train.eval_interval", str(min(scale.eval_interval, steps)), "--train.eval_steps", str(scale.eval_steps),
@@ -233,23 +235,23 @@ def train_flags(scale: Scale, run_dir: Path, data: list[Path], weights: list[flo
             str(max(1, min(10, steps // 10))), "--metrics.tensorboard", "false", "--parallel.zero_stage", "1"]
 
 
-def pretrain_args(scale: Scale, vocab_size: int, run_dir: Path, data: list[Path], weights: list[float],
-                  seed: int, model: dict) -> list[str]:
+def pretrain_args(scale: Scale, vocab_size: int, run_dir: Path, data: list[Path], seed: int,
+                  model: dict) -> list[str]:
     """pretrain.py on the demo recipe (launch/configs/demo.yaml) with the scale's model and batch."""
     fields = {"preset": scale.preset, **scale.model, "vocab_size": vocab_size, **model}
     return ["pretrain.py", "--config", "launch/configs/demo.yaml",
             *flags("model", fields),
             "--optimizer.lr", str(scale.lr), "--schedule.warmup_steps", str(min(scale.warmup_steps, scale.steps)),
-            *train_flags(scale, run_dir, data, weights, scale.steps, seed)]
+            *train_flags(scale, run_dir, data, scale.steps, seed)]
 
 
 def finetune_args(recipe: str, scale: Scale, init_from: Path, run_dir: Path, data: list[Path],
-                  weights: list[float], seed: int, finetune: dict, model: dict) -> list[str]:
+                  seed: int, finetune: dict, model: dict) -> list[str]:
     """finetune.py with one of the product's recipes (launch/configs/finetune_<recipe>.yaml) and
     `finetune` / `model` section fields over it."""
     return ["finetune.py", "--config", f"launch/configs/finetune_{recipe}.yaml", "--finetune.init_from", str(init_from),
             "--optimizer.lr", str(scale.finetune_lr), *flags("finetune", finetune), *flags("model", model),
-            *train_flags(scale, run_dir, data, weights, scale.finetune_steps, seed)]
+            *train_flags(scale, run_dir, data, scale.finetune_steps, seed)]
 
 
 def dense_folder(out: Path, scale: Scale, tokenizer: Path, vocab_size: int, eod_id: int, seed: int) -> Path:
@@ -273,14 +275,14 @@ def dense_folder(out: Path, scale: Scale, tokenizer: Path, vocab_size: int, eod_
     return out
 
 
-def dense_pretrain_args(scale: Scale, init_from: Path, run_dir: Path, data: list[Path], weights: list[float],
+def dense_pretrain_args(scale: Scale, init_from: Path, run_dir: Path, data: list[Path],
                         seed: int) -> list[str]:
     """finetune.py training a dense Hugging Face model from `init_from` with the pretraining's schedule,
     learning rate, batch and steps (launch/configs/finetune_emoe.yaml, full training)."""
     return ["finetune.py", "--config", "launch/configs/finetune_emoe.yaml", "--finetune.init_from", str(init_from),
             "--model.block_size", str(scale.model["block_size"]), "--optimizer.lr", str(scale.lr),
             "--schedule.warmup_steps", str(min(scale.warmup_steps, scale.steps)), "--schedule.min_lr_ratio", "0.1",
-            *train_flags(scale, run_dir, data, weights, scale.steps, seed)]
+            *train_flags(scale, run_dir, data, scale.steps, seed)]
 
 
 def perplexity_args(scale: Scale, model: Path, text: Path, tokenizer: Path, out: Path,
@@ -378,11 +380,7 @@ def write_results(out: Path, experiment: str, scale: Scale, command: list[str], 
     record = {"experiment": experiment, "command": " ".join(command), "device": device_description(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
               "scale": dataclasses.asdict(scale), "results": results, "runs": runner.records()}
-    path = out / "results.json"
-    tmp = path.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
 
 
 # ---- one experiment's command line ------------------------------------------------------------------
@@ -424,6 +422,17 @@ class Context:
     def heldout_text(self, domain: str) -> Path:
         """The held-out documents of a domain as one text file."""
         return self.data / f"heldout_{domain}.txt"
+
+    def heldout_perplexities(self, models: dict[str, Path], domains: list[str]) -> dict[str, dict[str, float | None]]:
+        """Each model's (a checkpoint folder's or a Hugging Face folder's) held-out perplexity on
+        each domain, the evaluations run in parallel; None where the model or its evaluation did not
+        finish."""
+        ready = {name: path for name, path in models.items()
+                 if (path / "latest").exists() or (path / "config.json").exists()}
+        self.runner.run_many({f"{name}_{d}": perplexity_args(self.scale, path, self.heldout_text(d), self.tokenizer,
+                                                             self.out / "eval" / f"{name}_{d}")
+                              for name, path in ready.items() for d in domains})
+        return {name: {d: perplexity_of(self.out / "eval" / f"{name}_{d}") for d in domains} for name in models}
 
 
 def experiment_main(name: str, doc: str, run, plot, argv: list[str] | None, add_args=None) -> int:

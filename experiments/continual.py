@@ -28,7 +28,7 @@ import shutil
 import sys
 
 from experiments.common import (Context, dense_folder, dense_pretrain_args, experiment_main, figure, finetune_args,
-                                last_value, layer_mean, perplexity_args, perplexity_of, pretrain_args, read_metrics)
+                                last_value, layer_mean, pretrain_args, read_metrics)
 
 OLD, NEW = ("prose", "code"), "german"
 
@@ -58,8 +58,8 @@ def run(ctx: Context) -> dict:
     shutil.rmtree(init, ignore_errors=True)
     dense_folder(init, s, ctx.tokenizer, ctx.vocab_size, ctx.eod_id, seed)
     old = [ctx.train(d) for d in OLD]
-    runner.run_many({"base": pretrain_args(s, ctx.vocab_size, base, old, [1.0] * len(OLD), seed, {}),
-                     "dense_base": dense_pretrain_args(s, init, dense_base, old, [1.0] * len(OLD), seed)})
+    runner.run_many({"base": pretrain_args(s, ctx.vocab_size, base, old, seed, {}),
+                     "dense_base": dense_pretrain_args(s, init, dense_base, old, seed)})
     models = {"frozen": base / "checkpoints", "dense_frozen": dense_base / "checkpoints"}
     finetunes = {}
     moe_arms, baseline_arms = arms(ctx), dense_arms(ctx)
@@ -68,13 +68,11 @@ def run(ctx: Context) -> dict:
             continue
         for name, (recipe, finetune, model) in group.items():
             finetunes[name] = finetune_args(recipe, s, start / "checkpoints", ctx.out / "runs" / name,
-                                            [ctx.train(NEW)], [1.0], seed, finetune, model)
+                                            [ctx.train(NEW)], seed, finetune, model)
             models[name] = ctx.out / "runs" / name / "checkpoints"
     runner.run_many(finetunes)
     domains = [d for d in (*OLD, NEW) if d in s.eval_domains]
-    runner.run_many({f"{name}_{domain}": perplexity_args(s, path, ctx.heldout_text(domain), ctx.tokenizer,
-                                                         ctx.out / "eval" / f"{name}_{domain}")
-                     for name, path in models.items() if (path / "latest").exists() for domain in domains})
+    ppl = ctx.heldout_perplexities(models, domains)
     results = {}
     for name in models:
         metrics = read_metrics(ctx.out / "runs" / name) if not name.endswith("frozen") else []
@@ -82,7 +80,7 @@ def run(ctx: Context) -> dict:
             "settings": {**moe_arms, **baseline_arms}.get(name, ("none", {}, {})),
             "final_step": last_value(metrics, "step"),
             "new_share": layer_mean(metrics, "mlpf/new_share"),
-            "ppl": {domain: perplexity_of(ctx.out / "eval" / f"{name}_{domain}") for domain in (*OLD, NEW)},
+            "ppl": {domain: ppl[name].get(domain) for domain in (*OLD, NEW)},
         }
     return {"arms": results, "old_domains": list(OLD), "new_domain": NEW, "seed": seed}
 

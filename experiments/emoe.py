@@ -20,7 +20,7 @@ import shutil
 import sys
 
 from experiments.common import (Context, dense_folder, dense_pretrain_args, experiment_main, figure, finetune_args,
-                                mean_spread, perplexity_args, perplexity_of)
+                                mean_spread)
 
 DOMAINS = ("code", "prose", "german")
 TASK = "code"
@@ -33,8 +33,7 @@ def run(ctx: Context) -> dict:
     init = ctx.out / "dense_init"
     shutil.rmtree(init, ignore_errors=True)
     dense_folder(init, s, ctx.tokenizer, ctx.vocab_size, ctx.eod_id, s.seeds[0])
-    runner.run("base", dense_pretrain_args(s, init, base, [ctx.train(d) for d in DOMAINS], [1.0] * len(DOMAINS),
-                                           s.seeds[0]))
+    runner.run("base", dense_pretrain_args(s, init, base, [ctx.train(d) for d in DOMAINS], s.seeds[0]))
     dense, emoe = ctx.out / "base_hf", ctx.out / "base_emoe"
     runner.run("base_hf", ["-m", "molm_megatron.hf.convert", "to-hf", "--checkpoint", str(base / "checkpoints"),
                            "--out", str(dense), "--overwrite"])
@@ -44,7 +43,7 @@ def run(ctx: Context) -> dict:
                              "--layer-stride", "2", "--seed", str(s.seeds[0])])
     starts = {"dense": dense, "emoe": emoe}
     runner.run_many({f"{arm}_s{seed}": finetune_args("emoe", s, start, ctx.out / "runs" / f"{arm}_s{seed}",
-                                                     [ctx.train(TASK)], [1.0], seed, {},
+                                                     [ctx.train(TASK)], seed, {},
                                                      {"block_size": s.model["block_size"]})
                      for seed in s.seeds for arm, start in starts.items() if (start / "config.json").is_file()})
     runner.run_many({f"emoe_shipped_dense_s{seed}": ["-m", "molm_megatron.hf.convert", "to-hf", "--checkpoint",
@@ -58,10 +57,7 @@ def run(ctx: Context) -> dict:
         models[f"emoe_s{seed}"] = ctx.out / "runs" / f"emoe_s{seed}" / "checkpoints"
         models[f"emoe_shipped_dense_s{seed}"] = ctx.out / f"emoe_shipped_dense_s{seed}"
     domains = [d for d in DOMAINS if d in s.eval_domains]
-    runner.run_many({f"{name}_{domain}": perplexity_args(s, path, ctx.heldout_text(domain), ctx.tokenizer,
-                                                         ctx.out / "eval" / f"{name}_{domain}")
-                     for name, path in models.items() if path.exists() for domain in domains})
-    ppl = {name: {d: perplexity_of(ctx.out / "eval" / f"{name}_{d}") for d in domains} for name in models}
+    ppl = ctx.heldout_perplexities(models, domains)
     arms = {arm: {d: mean_spread([ppl[f"{arm}_s{seed}"][d] for seed in s.seeds]) for d in domains} for arm in ARMS}
     arms = {"base (no fine-tuning)": {d: mean_spread([ppl["base"][d]]) for d in domains}, **arms}
     return {"arms": arms, "models": ppl, "task": TASK, "domains": domains, "experts": s.emoe_experts,

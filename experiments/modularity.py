@@ -34,7 +34,7 @@ def run(ctx: Context) -> dict:
             checkpoints[v] = found
         else:
             run_dir = ctx.out / "runs" / v
-            train[v] = pretrain_args(s, ctx.vocab_size, run_dir, [ctx.train(d) for d in DOMAINS], [1.0] * len(DOMAINS),
+            train[v] = pretrain_args(s, ctx.vocab_size, run_dir, [ctx.train(d) for d in DOMAINS],
                                      seed, s.attention_variants[v])
             checkpoints[v] = run_dir / "checkpoints"
     runner.run_many(train)

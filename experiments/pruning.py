@@ -74,13 +74,12 @@ def run(ctx: Context) -> dict:
     s, runner = ctx.scale, ctx.runner
     seed = s.seeds[0]
     base = ctx.out / "runs" / "base"
-    runner.run("base", pretrain_args(s, ctx.vocab_size, base, [ctx.train(d) for d in DOMAINS], [1.0] * len(DOMAINS),
-                                     seed, {}))
+    runner.run("base", pretrain_args(s, ctx.vocab_size, base, [ctx.train(d) for d in DOMAINS], seed, {}))
     if not (base / "checkpoints" / "latest").exists():
         return {"error": "the base model did not train; see logs/base.log"}
     finetunes = finetune_arms(s)
     runner.run_many({name: finetune_args(recipe, s, base / "checkpoints", ctx.out / "runs" / name, [ctx.train(TASK)],
-                                         [1.0], seed, {}, model)
+                                         seed, {}, model)
                      for name, (recipe, model) in finetunes.items()})
 
     models: dict[str, dict] = {}  # fine-tuned model -> {variant: (share, folder, kind)}

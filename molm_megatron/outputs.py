@@ -142,15 +142,12 @@ def check_file_target(path: str | Path, what: str, overwrite: bool, protect: Ite
             raise ValueError(f"{path} already exists; pass --overwrite to replace it with the {what}")
 
 
-def write_file(path: str | Path, write: Callable[[Path], None], what: str, overwrite: bool = False,
-               protect: Iterable[str | Path] = ()) -> Path:
-    """Create the file `path` by calling `write(tmp)` with a temporary name beside it, then rename.
-
-    An existing file is replaced only with `overwrite=True`, never a folder and never a file the
-    command reads (`protect`).
-    """
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create or replace the file `path` by calling `write(tmp)` on a fresh name beside it, then
+    renaming: readers see the old file or the complete new one, and a failed write leaves no
+    temporary behind. No overwrite policy: for a command's own bookkeeping files (results,
+    caches); a user-named output goes through `write_file`."""
     path = Path(path)
-    check_file_target(path, what, overwrite, protect)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
@@ -159,3 +156,14 @@ def write_file(path: str | Path, write: Callable[[Path], None], what: str, overw
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_file(path: str | Path, write: Callable[[Path], None], what: str, overwrite: bool = False,
+               protect: Iterable[str | Path] = ()) -> Path:
+    """Create the file `path` by calling `write(tmp)` with a temporary name beside it, then rename.
+
+    An existing file is replaced only with `overwrite=True`, never a folder and never a file the
+    command reads (`protect`).
+    """
+    check_file_target(path, what, overwrite, protect)
+    return atomic_write(path, write)

@@ -11,11 +11,12 @@ clustering settings.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from molm_megatron.outputs import atomic_write
 
 
 def balanced_kmeans(keys_FD: torch.Tensor, num_experts: int, seed: int, n_init: int = 10,
@@ -58,9 +59,9 @@ def cached_labels(cache_dir: Path | None, layer: int, keys_FD: torch.Tensor, num
     if path.exists():
         return np.load(path), True
     labels = balanced_kmeans(keys_FD, num_experts, seed, n_init, max_iter)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, labels)
-    os.replace(tmp, path)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a temporary's name
+            np.save(f, labels)
+
+    atomic_write(path, save)
     return labels, False

@@ -12,7 +12,6 @@ entry and hands every other folder to the dense class unchanged, so
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHe
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel)
 
 from molm_megatron.emoe.layer import ARCHITECTURES, COMPUTATIONS, EMoEMLP
+from molm_megatron.outputs import atomic_write
 
 
 @dataclass
@@ -127,9 +127,7 @@ class EMoEMixin:
         path = Path(save_directory) / "config.json"
         cfg = json.loads(path.read_text())
         cfg["architectures"] = [self.dense_class.__name__]
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
 
 
 class EMoEGPT2LMHeadModel(EMoEMixin, GPT2LMHeadModel):

@@ -14,17 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from molm_megatron.outputs import atomic_write
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: fail at once, never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic write (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def print_table(title: str, rows: list[tuple[str, object]]) -> None:
@@ -177,11 +172,8 @@ def perplexity_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, 
         ids = [tok(doc, add_special_tokens=False).input_ids for doc in documents]
         r = segment_perplexity(model.molm, documents, ids, tok.eos_token_id, args.batch_size,
                                args.segment_length, args.memory_length, counter)
-        spec = model.molm.training_spec()
-        seg = spec.block_size if args.segment_length is None else args.segment_length
-        mem = spec.history_length if args.memory_length is None else args.memory_length
-        r["protocol"] = (f"Transformer-XL segments of {seg} tokens with {mem} memory tokens, one stream cut into "
-                         f"up to {args.batch_size} rows (pretrain.py's validation)")
+        r["protocol"] = (f"Transformer-XL segments of {r['segment_length']} tokens with {r['memory_length']} memory "
+                         f"tokens, one stream cut into up to {args.batch_size} rows (pretrain.py's validation)")
         results["segments"] = r
     for name, r in results.items():
         rows += [(f"{name} {key}", r[key]) for key in ("token_perplexity", "word_perplexity", "byte_perplexity",
@@ -206,12 +198,8 @@ def humaneval_command(args: argparse.Namespace) -> tuple[dict, list[tuple[str, o
                                          args.seed)
     limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20)
     records = execute(problems, completions, limits, args.workers)
-    path = args.out / "samples.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    path = atomic_write(args.out / "samples.jsonl",
+                        lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
     scores = score(records, n)
     outcomes = {"passed": sum(r["passed"] for r in records),
                 "timed_out": sum(r["result"] == "timed out" for r in records)}
@@ -275,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     results, rows = COMMANDS[args.command](args)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("command", "out")}
     summary = {"command": args.command, "settings": settings, "seconds": time.perf_counter() - start, **results}
-    write_json(args.out / "summary.json", summary)
+    atomic_write(args.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     print_table(f"{args.command}: {args.model or args.completions}", rows)
     print(f"\nwrote {args.out / 'summary.json'}")
     return 0

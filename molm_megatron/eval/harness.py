@@ -23,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 
 from molm_megatron.eval.expert_stats import ExpertCounter
 from molm_megatron.eval.loading import EvalModel
+from molm_megatron.eval.perplexity import segment_lengths
 from molm_megatron.model import MoLM
 
 
@@ -52,12 +53,10 @@ class MoLMHarnessLM(HFLM):
     def __init__(self, model: EvalModel, batch_size: int = 8, max_length: int = 2048,
                  segment_length: int | None = None, memory_length: int | None = None,
                  counter: ExpertCounter | None = None):
-        spec = model.molm.training_spec()
         super().__init__(pretrained=model.hf, tokenizer=model.tokenizer, backend="causal", batch_size=batch_size,
                          max_length=max_length, device=str(model.device), softmax_dtype=torch.float32)
         self.molm = model.molm
-        self.segment_length = spec.block_size if segment_length is None else segment_length
-        self.memory_length = spec.history_length if memory_length is None else memory_length
+        self.segment_length, self.memory_length = segment_lengths(model.molm, segment_length, memory_length)
         self.counter = counter
         self._routes: dict[str, torch.Tensor] = {}
         self._row = 0

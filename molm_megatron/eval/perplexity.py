@@ -97,15 +97,21 @@ def stream_rows(documents_ids: list[list[int]], eos_id: int, batch_size: int, se
     return inputs, labels, real
 
 
+def segment_lengths(model: MoLM, segment_length: int | None, memory_length: int | None) -> tuple[int, int]:
+    """Scoring segment and memory lengths: the given ones, else the model's training block_size
+    and history_length."""
+    spec = model.training_spec()
+    return (spec.block_size if segment_length is None else segment_length,
+            spec.history_length if memory_length is None else memory_length)
+
+
 @torch.no_grad()
 def segment_perplexity(model: MoLM, documents: list[str], documents_ids: list[list[int]], eos_id: int,
                        batch_size: int, segment_length: int | None = None, memory_length: int | None = None,
                        counter: ExpertCounter | None = None) -> dict[str, float]:
     """The Transformer-XL protocol (module docstring); segment/memory lengths default to the
-    model's block_size / history_length."""
-    spec = model.training_spec()
-    segment_length = spec.block_size if segment_length is None else segment_length
-    memory_length = spec.history_length if memory_length is None else memory_length
+    model's block_size / history_length. The result carries the lengths used."""
+    segment_length, memory_length = segment_lengths(model, segment_length, memory_length)
     device = next(model.parameters()).device
     inputs, labels, real = stream_rows(documents_ids, eos_id, batch_size, segment_length)
     inputs, labels = inputs.to(device), labels.to(device)
@@ -126,4 +132,5 @@ def segment_perplexity(model: MoLM, documents: list[str], documents_ids: list[li
         total += out.lm_loss_sum.double().item()
     tokens = int((labels != -100).sum())
     assert tokens == sum(map(len, documents_ids)), "every token of the text is predicted exactly once"
-    return perplexities(-total, tokens, sum(map(count_words, documents)), sum(map(count_bytes, documents)))
+    return {**perplexities(-total, tokens, sum(map(count_words, documents)), sum(map(count_bytes, documents))),
+            "segment_length": segment_length, "memory_length": memory_length}

@@ -65,6 +65,7 @@ def test_segment_protocol_with_full_memory_equals_one_forward(eval_model):
 
     got = segment_perplexity(molm, documents, ids, eos, batch_size=1, memory_length=10_000)
     assert got["tokens"] == sum(map(len, ids))
+    assert (got["segment_length"], got["memory_length"]) == (cfg.block_size, 10_000)  # the model's block by default
     assert got["loglikelihood"] == pytest.approx(want, rel=1e-5)
 
     # Three rows: each row is its own stream (no memory at its start), padding left out.

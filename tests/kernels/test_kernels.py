@@ -138,6 +138,17 @@ def test_linear_padded_out_equals_linear_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_every_reference_activation_has_a_fused_kernel_code():
+    """The reference path (CPU) and the Triton epilogue (GPU) take activations by the same config
+    names; a name known to one only would work on CPU and fail with a KeyError on the GPU. Each
+    code's values and gradients are checked by the interpreter cases mlp_*_fused."""
+    from molm_kernels.scattered_experts import ACT_CODES
+    from molm_kernels.scattered_experts_reference import ACTIVATIONS
+
+    assert set(ACT_CODES) == set(ACTIVATIONS)
+    assert sorted(ACT_CODES.values()) == list(range(len(ACT_CODES)))
+
+
 @pytest.mark.parametrize("form", ["biases", "swiglu", "swiglu_biases"])
 def test_reference_mlp_with_biases_and_glu_equals_a_per_token_loop(form):
     """scattered_mlp_reference's biases and GLU form against a dumb loop over tokens and choices:

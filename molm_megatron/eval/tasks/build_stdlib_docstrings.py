@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import random
 import sys
 import sysconfig
 from pathlib import Path
+
+from molm_megatron.outputs import atomic_write
 
 CONTEXT_WORDS = 10
 CHOICE_WORDS = 6
@@ -88,12 +89,8 @@ def build_items(functions: list[dict], size: int, seed: int) -> list[dict]:
 
 
 def write_jsonl(items: list[dict], out: Path) -> None:
-    """Atomic write: a temporary file beside `out`, then a rename."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
