@@ -91,7 +91,7 @@ def init_distributed(device: torch.device, backend: str) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     started_here = not dist.is_initialized()  # else a caller (or an earlier Trainer) owns the world group
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if started_here:
+    if started_here and backend == "gloo":
         atexit.register(destroy_all_process_groups)
 
 
@@ -99,7 +99,9 @@ def destroy_all_process_groups() -> None:
     """Shut every process group down while the interpreter is still whole. Left to interpreter
     teardown, a Gloo worker thread can drop the last reference to a collective's tensor after
     Python has started finalising; taking the GIL then kills the thread inside a noexcept frame and
-    the process aborts ("terminate called without an active exception") after a finished run."""
+    the process aborts ("terminate called without an active exception") after a finished run.
+    Registered for Gloo worlds only, where the abort happens and is tested; NCCL runs keep torch's
+    own teardown."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
