@@ -19,9 +19,10 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from molm_megatron.hf import ModuleFormerConfig, ModuleFormerForCausalLM
 from molm_megatron.hf.convert import DTYPES, consolidate_checkpoint
+from molm_megatron.emoe.layer import ARCHITECTURES
 from molm_megatron.emoe.training import EMoECausalLM, load_for_training
 from molm_megatron.model import MoLM
-from molm_megatron.modular.weights import hf_lm_config
+from molm_megatron.modular.weights import folder_model_type
 from tokenizer.codegen import EOS_TOKEN, codegen_tokenizer
 from tokenizer.loading import CODEGEN
 
@@ -94,7 +95,7 @@ def load_eval_model(path: str | Path, tokenizer: str = "auto", device: str = "au
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(sorted(DTYPES))}")
-    if (path / "config.json").is_file() and hf_lm_config(path) is not None:
+    if folder_model_type(path) in ARCHITECTURES:  # a dense or EMoE GPT-2 / GPT-NeoX / Llama folder
         molm = load_for_training(path)
         hf, source = molm.hf_model, f"hf:{path}"
     elif (path / "config.json").is_file():

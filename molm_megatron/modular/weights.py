@@ -101,6 +101,13 @@ def model_from_full(cfg: ModelConfig, full: dict[str, torch.Tensor]) -> MoLM:
     return model
 
 
+def folder_model_type(path: str | Path) -> str | None:
+    """The `model_type` of a Hugging Face folder's config.json (None without one), read without
+    building the config."""
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
 def hf_lm_config(path: str | Path) -> PretrainedConfig | None:
     """The Hugging Face config of a dense or EMoE GPT-2 / GPT-NeoX / Llama starting point (its
     folder, or a training checkpoint of one), reading config files only; None for any other path."""
@@ -110,8 +117,9 @@ def hf_lm_config(path: str | Path) -> PretrainedConfig | None:
     if (path / "config.json").is_file():
         from transformers import AutoConfig
 
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        return AutoConfig.from_pretrained(path, local_files_only=True) if model_type in ARCHITECTURES else None
+        if folder_model_type(path) not in ARCHITECTURES:
+            return None
+        return AutoConfig.from_pretrained(path, local_files_only=True)
     if path.is_dir() and ((path / "meta.json").is_file() or any(path.glob("step_*"))):
         from molm_megatron.emoe.training import hf_config_from_dict
         from molm_megatron.training.checkpoint import find_step_folder, read_meta, saved_model_config
@@ -141,7 +149,7 @@ def load_any_model(path: str | Path, seed: int = 0) -> MoLM | EMoECausalLM:
     if (path / "config.json").is_file():
         from molm_megatron.emoe.layer import ARCHITECTURES
 
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type = folder_model_type(path)
         if model_type in ARCHITECTURES:  # what hf_lm_config accepts, without building its config
             from molm_megatron.emoe.training import load_for_training
 
